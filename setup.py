@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+# Ranges here, exact versions in constraints/cpu.txt: a GPU image (NGC PyTorch) brings its own torch and
+# Transformer Engine, which an exact torch pin would fight. CPU installs: `make install` (torch==2.13.0).
+CORE = [
+    "torch>=2.6",
+    "numpy>=1.26,<3",
+    "safetensors>=0.4",
+    "hydra-core>=1.3.2,<1.4",
+    "tqdm>=4.66",
+    "psutil>=5.9",
+    "megatron-core>=0.12,<0.17",  # only parallel_state (process-group topology) is used
+]
+EXTRAS = {
+    "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+    "data": ["nvidia-dali-cuda130>=2.0"],
+    "video": ["diffusers>=0.35", "accelerate>=1.0"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0"],
+}
+
+setup(
+    name="tmd_megatron",
+    version="0.1.0",
+    description="Transition Matching Distillation of Wan2.1 video DiTs with Megatron-style parallelism",
+    packages=find_packages(include=["tmd_megatron", "tmd_megatron.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "tmd-train=tmd_megatron.cli.pending:train",
+            "tmd-sample=tmd_megatron.cli.pending:sample",
+            "tmd-plan=tmd_megatron.cli.pending:plan",
+            "tmd-convert=tmd_megatron.cli.convert:main",
+            "tmd-preprocess=tmd_megatron.cli.pending:preprocess",
+        ]
+    },
+)

@@ -1,0 +1,105 @@
+"""Layer classes a backend supplies to the Wan model, and the single-device torch backend.
+
+The model asks a backend for its projections, q/k norms and attention cores, so tensor, sequence and
+context parallelism (tmd_megatron.parallel) and Transformer Engine swap in without touching model code.
+Every backend must create parameters with the same names, so checkpoints do not know who wrote them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNormAcrossHeads(nn.Module):
+    """Wan's q/k norm: RMS over the full hidden size (all heads at once), eps inside the root.
+
+    Math in fp32, cast back to the input dtype, then the fp32 gain (WanRMSNorm's order). A tensor-parallel
+    subclass overrides `mean_square` to reduce the squared sums over all head shards.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def mean_square(self, x32: torch.Tensor) -> torch.Tensor:
+        return x32.pow(2).mean(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in at least fp32 and returned in the input dtype (WanLayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        w = self.weight.to(x32.dtype) if self.weight is not None else None
+        b = self.bias.to(x32.dtype) if self.bias is not None else None
+        return F.layer_norm(x32, self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class SDPAttention(nn.Module):
+    """Global (non-causal) softmax attention on [B, L, heads, d] tensors, scale 1/sqrt(d).
+
+    `key_valid` ([L_k] bool, True = attend) masks padded keys; queries are never masked. q and k arrive in
+    fp32 from RoPE; like the original's flash-attn call they are cast to v's dtype (bf16 under autocast).
+    """
+
+    def forward(self, q, k, v, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None if key_valid is None else key_valid[None, None, None, :]
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+
+
+class TorchLayers:
+    """Single-device reference backend: plain nn.Linear and torch SDPA."""
+
+    name = "torch"
+
+    def linear_in(self, in_features: int, out_features: int, *, token_input: bool = True) -> nn.Module:
+        """A projection whose output features a tensor-parallel backend shards (column parallel).
+
+        token_input says whether the input is the video-token stream (sharded along tokens under sequence
+        parallelism) or replicated text context.
+        """
+        return nn.Linear(in_features, out_features)
+
+    def linear_out(self, in_features: int, out_features: int) -> nn.Module:
+        """A projection whose input features a tensor-parallel backend shards (row parallel)."""
+        return nn.Linear(in_features, out_features)
+
+    def qk_norm(self, dim: int, eps: float) -> nn.Module:
+        return RMSNormAcrossHeads(dim, eps)
+
+    def self_attention(self) -> nn.Module:
+        return SDPAttention()
+
+    def cross_attention(self) -> nn.Module:
+        return SDPAttention()
+
+
+_BACKENDS = {"torch": TorchLayers}
+
+
+def register_backend(name: str, factory) -> None:
+    _BACKENDS[name] = factory
+
+
+def get_backend(backend) -> object:
+    """A backend instance from a name ('torch', 'te', ...) or pass an instance through."""
+    if not isinstance(backend, str):
+        return backend
+    if backend == "te" and "te" not in _BACKENDS:
+        try:
+            from tmd_megatron.parallel import te_backend  # noqa: F401  (registers itself)
+        except ImportError as err:
+            raise RuntimeError(f"backend 'te' needs Transformer Engine and CUDA: {err}; use backend='torch'") from err
+    try:
+        return _BACKENDS[backend]()
+    except KeyError:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)}") from None

@@ -1,0 +1,213 @@
+"""Wan2.1 text-to-video DiT (WAN_SPEC §2), single-device readable.
+
+Besides `forward`, the pieces are public so the TMD student and pipeline stages can run parts of the
+network: `embed_tokens`, `embed_time`, `embed_text`, `run_blocks` (a contiguous block range, optionally
+returning chosen hidden states) and `head_out`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .block import WanBlock, fp32_region
+from .config import WanConfig
+from .layers import FP32LayerNorm, get_backend
+from .layout import LocalLayout
+from .rope import grid_positions, rope_angles, rope_cos_sin
+
+
+def timestep_sinusoid(t_B: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos | sin] embedding of Wan timesteps (units of 1000·t), computed in float64 like the original."""
+    half = dim // 2
+    t64 = t_B.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t_B.device) / half)
+    angles = torch.outer(t64, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+@dataclass
+class TokenGeometry:
+    """Where the tokens of one forward sit: latent grid after patching and what attention sees."""
+
+    grid: tuple[int, int, int]  # (F', H', W')
+    num_tokens: int  # F'·H'·W' (global)
+    rope_cos: torch.Tensor  # [L_att, d/2]
+    rope_sin: torch.Tensor
+    key_valid: torch.Tensor | None  # [L_att] bool or None
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * cfg.patch_volume)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x_B_L_D, e_B_D):
+        # The head uses e (before SiLU), shift first, all in fp32 like the original.
+        with fp32_region(x_B_L_D.device):
+            shift, scale = (self.modulation + e_B_D.unsqueeze(1)).unsqueeze(2).unbind(1)
+            return self.head(self.norm(x_B_L_D).float() * (1 + scale) + shift)
+
+
+class WanModel(nn.Module):
+    def __init__(self, config: WanConfig, backend="torch"):
+        super().__init__()
+        self.config = cfg = config
+        self.backend = layers = get_backend(backend)
+        self.layout = LocalLayout()
+        self.activation_checkpointing = False
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg, layers) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+
+    # ---- embeddings -------------------------------------------------------------------------------------
+    def patchify(self, x_B_C_F_H_W: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patch embedding of a latent: all tokens [B, L, D] (frame-major) and the post-patch grid."""
+        cfg = self.config
+        if x_B_C_F_H_W.ndim != 5 or x_B_C_F_H_W.shape[1] != cfg.in_dim:
+            raise ValueError(f"expected a latent [B, {cfg.in_dim}, F, H, W], got shape {tuple(x_B_C_F_H_W.shape)}")
+        bad = [n for n, p in zip(x_B_C_F_H_W.shape[2:], cfg.patch_size) if n % p]
+        if bad:
+            raise ValueError(
+                f"latent size {tuple(x_B_C_F_H_W.shape[2:])} is not divisible by patch_size {cfg.patch_size}"
+            )
+        tokens = self.patch_embedding(x_B_C_F_H_W)
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2), grid
+
+    def geometry(self, grid: tuple[int, int, int], device) -> TokenGeometry:
+        num_tokens = math.prod(grid)
+        att = self.layout.attention_tokens(num_tokens, device)
+        pos = grid_positions(grid, device)[att.index]
+        angles = rope_angles(pos, self.config.rope_split, self.config.rope_theta, self.config.rope_max_positions)
+        cos, sin = rope_cos_sin(angles, torch.float32)
+        return TokenGeometry(grid, num_tokens, cos, sin, att.valid)
+
+    def embed_tokens(self, x_B_C_F_H_W: torch.Tensor) -> tuple[torch.Tensor, TokenGeometry]:
+        """This process's share of the patch tokens [B, L_local, D] and their geometry."""
+        tokens, grid = self.patchify(x_B_C_F_H_W)
+        return self.layout.split(tokens), self.geometry(grid, tokens.device)
+
+    def embed_time(self, timestep_B: torch.Tensor, embedding: nn.Module | None = None):
+        """(e [B, D], e0 [B, 6, D]) from timesteps in Wan units [0, 1000]; fp32 as the original."""
+        embedding = self.time_embedding if embedding is None else embedding
+        ref = embedding[0].weight
+        if timestep_B.ndim != 1:
+            raise ValueError(f"timestep must be shape [B], got {tuple(timestep_B.shape)}")
+        with fp32_region(ref.device):
+            sinus = timestep_sinusoid(timestep_B, self.config.freq_dim)
+            e = embedding(sinus.to(torch.promote_types(torch.float32, ref.dtype)))
+            e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def embed_text(self, context_B_T_C: torch.Tensor) -> torch.Tensor:
+        """Text MLP over the zero-padded context; shorter inputs are padded to text_len like Wan, never masked."""
+        cfg = self.config
+        if context_B_T_C.ndim != 3 or context_B_T_C.shape[-1] != cfg.text_dim:
+            raise ValueError(f"expected context [B, T, {cfg.text_dim}], got shape {tuple(context_B_T_C.shape)}")
+        n = context_B_T_C.shape[1]
+        if n > cfg.text_len:
+            raise ValueError(f"context has {n} tokens, more than text_len={cfg.text_len}; trim it to {cfg.text_len}")
+        if n < cfg.text_len:
+            context_B_T_C = F.pad(context_B_T_C, (0, 0, 0, cfg.text_len - n))
+        return self.text_embedding(context_B_T_C)
+
+    # ---- trunk --------------------------------------------------------------------------------------------
+    def run_blocks(
+        self,
+        tokens: torch.Tensor,
+        context: torch.Tensor,
+        e0: torch.Tensor,
+        geom: TokenGeometry,
+        start: int = 0,
+        end: int | None = None,
+        capture: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks[start:end]; return the tokens and {i: output of block i} for i in capture."""
+        end = self.config.num_layers if end is None else end
+        if not 0 <= start <= end <= len(self.blocks):
+            raise ValueError(f"block range [{start}, {end}) is outside the model's {len(self.blocks)} blocks")
+        hidden = {}
+        for i in range(start, end):
+            args = (tokens, context, e0, geom.rope_cos, geom.rope_sin, geom.key_valid)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(self.blocks[i], *args, use_reentrant=False)
+            else:
+                tokens = self.blocks[i](*args)
+            if i in capture:
+                hidden[i] = tokens
+        return tokens, hidden
+
+    def head_out(self, tokens: torch.Tensor, e: torch.Tensor, geom: TokenGeometry) -> torch.Tensor:
+        """Output head and unpatchify: the velocity [B, C_out, F, H, W] (fp32)."""
+        y = self.layout.merge(self.head(tokens, e), geom.num_tokens)
+        return self.unpatchify(y, geom.grid)
+
+    def unpatchify(self, y_B_L_P: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        p_t, p_h, p_w = self.config.patch_size
+        f, h, w = grid
+        b = y_B_L_P.shape[0]
+        y = y_B_L_P.reshape(b, f, h, w, p_t, p_h, p_w, self.config.out_dim)
+        return y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, f * p_t, h * p_h, w * p_w)
+
+    def tokens_to_grid(self, tokens: torch.Tensor, geom: TokenGeometry) -> torch.Tensor:
+        """Hidden tokens as a feature volume [B, D, F', H', W'] (the discriminator's input)."""
+        full = self.layout.merge(tokens, geom.num_tokens)
+        return full.transpose(1, 2).unflatten(2, geom.grid)
+
+    def forward(
+        self,
+        x_B_C_F_H_W: torch.Tensor,
+        timestep_B: torch.Tensor,
+        context_B_T_C: torch.Tensor,
+        return_hidden: tuple[int, ...] = (),
+    ):
+        """Velocity prediction; with return_hidden, also {block index: hidden tokens [B, L_local, D]}."""
+        if timestep_B.shape[0] != x_B_C_F_H_W.shape[0] or context_B_T_C.shape[0] != x_B_C_F_H_W.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: x {x_B_C_F_H_W.shape[0]}, timestep {timestep_B.shape[0]}, "
+                f"context {context_B_T_C.shape[0]}"
+            )
+        tokens, geom = self.embed_tokens(x_B_C_F_H_W)
+        e, e0 = self.embed_time(timestep_B)
+        context = self.embed_text(context_B_T_C)
+        tokens, hidden = self.run_blocks(tokens, context, e0, geom, capture=tuple(return_hidden))
+        out = self.head_out(tokens, e, geom)
+        return (out, hidden) if return_hidden else out
+
+    # ---- construction helpers -------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """The original WanModel.init_weights scheme (for training from scratch)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "WanModel":
+        from .checkpoint import load_wan
+
+        return load_wan(path, **kwargs)
+
+    def save_pretrained(self, path, format: str = "original", **kwargs) -> None:
+        from .checkpoint import save_wan
+
+        save_wan(self, path, format=format, **kwargs)

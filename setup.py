@@ -9,6 +9,7 @@ CORE = [
     "hydra-core>=1.3.2,<1.4",
     "tqdm>=4.66",
     "psutil>=5.9",
+    "tensorboard>=2.15",
     "megatron-core>=0.12,<0.17",  # only parallel_state (process-group topology) is used
 ]
 EXTRAS = {

@@ -1,8 +1,8 @@
 """Kernel vs torch reference at Wan2.1 sizes: `python -m kernels.bench` on a CUDA machine.
 
 Prints a markdown table: forward and forward+backward time of each kernel and of the model's own torch code it
-replaces (eager), the speedup, and the kernel's forward bandwidth counted as one read of its inputs and one write
-of its output. Without CUDA it says so and exits 0; `--smoke` then runs tiny shapes through Triton's interpreter
+replaces (eager), the speedup, the kernel's forward bandwidth counted as one read of its inputs and one write
+of its output, and its error against the reference (output, and the worst input gradient under a random probe). Without CUDA it says so and exits 0; `--smoke` then runs tiny shapes through Triton's interpreter
 (checks that the script works, times mean nothing).
 """
 from __future__ import annotations
@@ -104,17 +104,35 @@ def _forward_backward(fn: Callable[[], torch.Tensor], inputs) -> Callable[[], No
     return run
 
 
+def _errors(c: Case) -> tuple[float, float]:
+    """Max relative error (to the reference's largest entry) of the output and of the worst input gradient."""
+
+    def rel(a, b):
+        a, b = a.detach().float(), b.detach().float()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    out_k, out_r = c.kernel(), c.reference()
+    probe = torch.randn_like(out_r)
+    grads_k = torch.autograd.grad(out_k, c.inputs, probe)
+    grads_r = torch.autograd.grad(out_r, c.inputs, probe)
+    return rel(out_k, out_r), max(rel(a, b) for a, b in zip(grads_k, grads_r))
+
+
 def run(device: str, presets, grid, reps: int) -> str:
     rows = ["| op | shape | dtype | torch fwd ms | kernel fwd ms | fwd speedup | torch fwd+bwd ms | kernel fwd+bwd ms "
-            "| fwd+bwd speedup | kernel fwd GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| fwd+bwd speedup | kernel fwd GB/s | fwd rel err | grad rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    torch.manual_seed(0)
     for c in _cases(device, presets, grid):
+        err_out, err_grad = _errors(c)
         with torch.no_grad():
             t_ref, t_ker = _timer(c.reference, device, reps), _timer(c.kernel, device, reps)
         b_ref = _timer(_forward_backward(c.reference, c.inputs), device, reps)
         b_ker = _timer(_forward_backward(c.kernel, c.inputs), device, reps)
         dtype = str(c.dtype).replace("torch.", "")
         rows.append(f"| {c.op} | {c.shape} | {dtype} | {t_ref:.3f} | {t_ker:.3f} | {t_ref / t_ker:.2f}x | "
-                    f"{b_ref:.3f} | {b_ker:.3f} | {b_ref / b_ker:.2f}x | {c.bytes_forward / t_ker / 1e6:.0f} |")
+                    f"{b_ref:.3f} | {b_ker:.3f} | {b_ref / b_ker:.2f}x | {c.bytes_forward / t_ker / 1e6:.0f} | "
+                    f"{err_out:.1e} | {err_grad:.1e} |")
     return "\n".join(rows)
 
 

@@ -12,5 +12,9 @@ ROWS_PER_PROGRAM = 32
 
 
 def num_warps_for(block: int) -> int:
-    """Enough warps that each thread holds a few elements of a row block."""
-    return min(max(block // 256, 1), 16)
+    """Warps for a row block of `block` elements: at most 8 elements per thread and array.
+
+    Up to 32 warps: at Wan 14B's width (block 8192) 16 warps made the backward kernels spill registers, 32 do
+    not (`python -m kernels.compile_check` prints registers and stack per kernel).
+    """
+    return min(max(block // 256, 1), 32)

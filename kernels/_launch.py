@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-KERNEL_DTYPES = (torch.float32,) + HALF_DTYPES
+# Activation dtypes the kernels take; fp64 stays on the torch reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Rows one backward program walks through; its partial weight gradients are summed afterwards in torch, which
 # keeps the reduction deterministic (no atomics) at the cost of a [num_programs, D] fp32 buffer.

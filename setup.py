@@ -16,7 +16,8 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     "data": ["nvidia-dali-cuda130>=2.0"],
     "video": ["diffusers>=0.35", "accelerate>=1.0"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0"],
+    # triton: kernels/ tests run its CPU interpreter; CUDA torch wheels bring their own matching triton.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0", "triton>=3.2"],
 }
 
 setup(

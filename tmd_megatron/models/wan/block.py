@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
+
 from .config import WanConfig
 from .layers import FP32LayerNorm
-from .rope import apply_rope
+from .rope import rotate
 
 
 def fp32_region(device: torch.device):
@@ -16,6 +18,12 @@ def fp32_region(device: torch.device):
 
 def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return normed.float() * (1 + scale) + shift
+
+
+def norm_modulate(norm: FP32LayerNorm, x, shift, scale) -> torch.Tensor:
+    """modulate(norm(x), shift, scale), fused by the Triton kernel where kernels run on x's device (kernels/)."""
+    out = kernels.try_layer_norm_modulate(x, shift, scale, norm.eps) if norm.weight is None else None
+    return modulate(norm(x), shift, scale) if out is None else out
 
 
 class WanSelfAttention(nn.Module):
@@ -35,7 +43,7 @@ class WanSelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
         k = self.norm_k(self.k(x)).unflatten(-1, (-1, self.head_dim))
         v = self.v(x).unflatten(-1, (-1, self.head_dim))
-        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        q, k = rotate(q, rope_cos, rope_sin), rotate(k, rope_cos, rope_sin)
         return self.o(self.attn(q, k, v, key_valid).flatten(-2))
 
 
@@ -78,8 +86,8 @@ class WanBlock(nn.Module):
         with fp32_region(x.device):
             mod = (self.modulation + e0_B_6_D).unsqueeze(2)  # [B, 6, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), rope_cos, rope_sin, key_valid)
+        y = self.self_attn(norm_modulate(self.norm1, x, shift1, scale1), rope_cos, rope_sin, key_valid)
         x = x + y * gate1
         x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
+        y = self.ffn(norm_modulate(self.norm2, x, shift2, scale2))
         return x + y * gate2

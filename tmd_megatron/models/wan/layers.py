@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 class RMSNormAcrossHeads(nn.Module):
     """Wan's q/k norm: RMS over the full hidden size (all heads at once), eps inside the root.
@@ -30,6 +32,17 @@ class RMSNormAcrossHeads(nn.Module):
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         normed = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
         return normed.to(x.dtype) * self.weight
+
+
+class KernelRMSNormAcrossHeads(RMSNormAcrossHeads):
+    """RMSNormAcrossHeads by the Triton kernel where kernels run on x's device (kernels/), else the parent.
+
+    A separate class so that a tensor-parallel subclass of RMSNormAcrossHeads never takes the local kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.try_rms_norm(x, self.weight, self.eps)
+        return super().forward(x) if out is None else out
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -74,7 +87,7 @@ class TorchLayers:
         return nn.Linear(in_features, out_features)
 
     def qk_norm(self, dim: int, eps: float) -> nn.Module:
-        return RMSNormAcrossHeads(dim, eps)
+        return KernelRMSNormAcrossHeads(dim, eps)
 
     def self_attention(self) -> nn.Module:
         return SDPAttention()

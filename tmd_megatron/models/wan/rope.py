@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 
 def axis_frequencies(head_dim_split: tuple[int, int, int], theta: float) -> list[torch.Tensor]:
     """float64 angular frequencies per complex slot, one tensor per axis (t, h, w)."""
@@ -57,3 +59,9 @@ def apply_rope(x_B_L_H_d: torch.Tensor, cos_L_c: torch.Tensor, sin_L_c: torch.Te
     sin = sin_L_c.to(dtype)[None, :, None, :]
     x0, x1 = x[..., 0], x[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def rotate(x_B_L_H_d: torch.Tensor, cos_L_c: torch.Tensor, sin_L_c: torch.Tensor) -> torch.Tensor:
+    """apply_rope, by the Triton kernel where kernels run on x's device (kernels/)."""
+    out = kernels.try_rope(x_B_L_H_d, cos_L_c, sin_L_c)
+    return apply_rope(x_B_L_H_d, cos_L_c, sin_L_c) if out is None else out

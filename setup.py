@@ -14,8 +14,9 @@ CORE = [
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     "data": ["nvidia-dali-cuda130>=2.0"],
-    "video": ["diffusers>=0.35", "accelerate>=1.0"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0"],
+    "video": ["diffusers>=0.35", "accelerate>=1.0", "av>=14", "transformers>=4.48"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0",
+             "nvidia-dali-cuda130>=2.0", "av>=14", "transformers>=4.48"],
 }
 
 setup(
@@ -32,7 +33,7 @@ setup(
             "tmd-sample=tmd_megatron.cli.pending:sample",
             "tmd-plan=tmd_megatron.cli.pending:plan",
             "tmd-convert=tmd_megatron.cli.convert:main",
-            "tmd-preprocess=tmd_megatron.cli.pending:preprocess",
+            "tmd-preprocess=tmd_megatron.cli.preprocess:main",
         ]
     },
 )

@@ -43,7 +43,7 @@ def euler_cfg_sample(model, noise: torch.Tensor, context: torch.Tensor, negative
     x = noise.float()
     both_ctx = torch.cat([context, negative_context])
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        t = torch.full((2 * x.shape[0],), 1000.0 * sigma, device=x.device)
+        t = torch.full((2 * x.shape[0],), 1000.0 * sigma, dtype=torch.float64, device=x.device)  # paper: t in FP64
         v_cond, v_uncond = model(torch.cat([x, x]), t, both_ctx).float().chunk(2)
         v = v_uncond + guidance * (v_cond - v_uncond)
         x = x + (sigma_next - sigma) * v

@@ -157,3 +157,19 @@ def test_mixed_datasets_are_refused(tmp_path):
         w.add("odd", torch.zeros(16, 2, 4, 6), torch.zeros(2, 8), "p")
     with pytest.raises(ShardError, match="zz.tar.*latent_shape.*separate datasets"):
         read_all(tmp_path)
+
+
+def test_cli_verify_names_bad_samples_and_index_builds(tmp_path, capsys):
+    from tmd_megatron.cli.preprocess import main as cli
+
+    write_random_shards(tmp_path)
+    assert cli(["verify", str(tmp_path)]) == 0
+    assert "3 shards, 15 samples" in capsys.readouterr().out
+    path = tmp_path / "part-000.tar"
+    offset, _ = member_span(path, "s00002.txt")
+    overwrite(path, offset, b"X")
+    assert cli(["verify", str(tmp_path)]) == 1
+    assert "BAD: part-000.tar: sample 's00002' member txt is corrupt" in capsys.readouterr().out
+    index_path(tmp_path / "part-001.tar").unlink()
+    assert cli(["index", str(tmp_path / "part-001.tar")]) == 0
+    assert len(open_shard(tmp_path / "part-001.tar").samples) == 5

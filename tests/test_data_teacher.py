@@ -92,6 +92,18 @@ def test_kd_pairs_hold_noise_and_its_ode_result(teacher, tmp_path):
         assert b["prompt"][0] == PROMPTS[i]
 
 
+def test_bf16_autocast_teacher_stays_close_to_fp32(teacher, tmp_path):
+    model, _ = teacher
+    task = SyntheticTask(text_dim=model.config.text_dim)
+    kw = dict(latent_shape=LATENT, steps=3, seed=2, dtype=torch.float32, progress=False, samples_per_shard=2)
+    for name, autocast in (("fp32", None), ("bf16", torch.bfloat16)):
+        generate_teacher_data(model, PROMPTS[:2], task.encode_prompts, task.encode_text(""), tmp_path / name,
+                              autocast=autocast, **kw)
+    a, b = (next(make_loader(tmp_path / n, 2, backend="torch", text_len=64))["latent"] for n in ("fp32", "bf16"))
+    err = float((a - b).abs().max() / a.abs().max())
+    assert 0 < err < 3e-2  # bf16 compute really ran, and stayed at bf16 accuracy
+
+
 @pytest.mark.multirank
 def test_two_rank_cli_equals_single_process(teacher, tmp_path):
     model, ckpt = teacher

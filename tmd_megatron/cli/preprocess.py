@@ -17,15 +17,20 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _env(*names: str, default: int) -> int:
+    """torchrun's variable, else SLURM's (plain `srun` without torchrun)."""
+    return next((int(os.environ[n]) for n in names if n in os.environ), default)
+
+
 def _ranks() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return _env("RANK", "SLURM_PROCID", default=0), _env("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
 def _device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("tmd-preprocess: --device cuda but no CUDA device is visible; use --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", _env("LOCAL_RANK", "SLURM_LOCALID", default=0))
     return torch.device(name)
 
 
@@ -81,6 +86,7 @@ def cmd_teacher(args) -> int:
         steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size,
         samples_per_shard=args.samples_per_shard, save_noise=args.kd, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world, prefix="kd" if args.kd else "teacher", progress=not args.no_progress,
+        autocast=torch.bfloat16 if args.autocast == "bf16" else None,
     )
     print(f"rank {rank}: wrote {n} samples")
     return 0
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--negative-prompt", default=None, help="default: Wan's (umT5) or '' (synthetic)")
     t.add_argument("--kd", action="store_true", help="store each sample's starting noise (KD pairs)")
     t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: fp32 weights under bf16 autocast, as Wan's own inference (use on GPU)")
     text(t)
     common(t)
     t.set_defaults(func=cmd_teacher)
@@ -193,7 +201,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     rank, world = _ranks()
-    distributed = world > 1 and not torch.distributed.is_initialized() and args.command in ("videos", "teacher")
+    # A process group only to finish together; without a rendezvous address (plain srun) ranks run independently.
+    distributed = (world > 1 and "MASTER_ADDR" in os.environ and not torch.distributed.is_initialized()
+                   and args.command in ("videos", "teacher"))
     if distributed:
         backend = "nccl" if args.device == "cuda" else "gloo"
         torch.distributed.init_process_group(backend)

@@ -61,11 +61,13 @@ def generate_teacher_data(model, prompts: list[str], encode_prompts: Callable[[l
                           guidance: float = 5.0, shift: float = 5.0, seed: int = 0, batch_size: int = 1,
                           samples_per_shard: int = 256, save_noise: bool = False,
                           dtype: torch.dtype = torch.bfloat16, rank: int = 0, world_size: int = 1,
-                          prefix: str = "teacher", progress: bool = True) -> int:
+                          prefix: str = "teacher", autocast: torch.dtype | None = None,
+                          progress: bool = True) -> int:
     """Write this rank's shards `{prefix}-{k:06d}.tar` (k ≡ rank mod world_size); returns samples written.
 
     encode_prompts maps prompts to true-length embeddings [L_i, C] (PromptEncoder, or the synthetic task's);
     negative_context [L, C] is the unconditional text. save_noise stores each sample's starting noise (KD pairs).
+    autocast=torch.bfloat16 runs the teacher as Wan's own inference does (fp32 weights, bf16 autocast).
     """
     out_dir = Path(out_dir)
     text_len = model.config.text_len
@@ -91,7 +93,9 @@ def generate_teacher_data(model, prompts: list[str], encode_prompts: Callable[[l
                 ctx = torch.stack([pad_context(c.float(), text_len) for c in contexts]).to(device)
                 # Rounded to the storage dtype first, so a stored KD pair is exactly (noise, ODE(noise)).
                 noise = torch.stack([sample_noise(latent_shape, seed, i) for i in chunk]).to(dtype).float()
-                x0 = euler_cfg_sample(model, noise.to(device), ctx, neg.expand(len(chunk), -1, -1), sigmas, guidance)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    x0 = euler_cfg_sample(model, noise.to(device), ctx, neg.expand(len(chunk), -1, -1), sigmas,
+                                          guidance)
                 for j, i in enumerate(chunk):
                     meta = {"source": "teacher", "index": i, "seed": seed, "steps": steps, "guidance": guidance,
                             "shift": shift, "sigma_max": float(sigmas[0])}

@@ -64,7 +64,8 @@ def test_build_index_for_a_tar_written_elsewhere(tmp_path):
         open_shard(tmp_path / "foreign.tar")
     assert build_index(tmp_path / "foreign.tar") == 1
     b = read_all(tmp_path)["a"]
-    assert torch.equal(b["latent"][0], torch.from_numpy(lat)) and torch.equal(b["context"][0, :3], torch.from_numpy(ctx))
+    assert torch.equal(b["latent"][0], torch.from_numpy(lat))
+    assert torch.equal(b["context"][0, :3], torch.from_numpy(ctx))
 
 
 def test_writer_refuses_bad_samples(tmp_path):

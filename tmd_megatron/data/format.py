@@ -86,7 +86,8 @@ def all_finite(arr: np.ndarray, dtype_name: str) -> bool:
 
 
 def to_tensor(arr: np.ndarray, dtype_name: str) -> torch.Tensor:
-    t = torch.from_numpy(arr.copy())
+    """A tensor sharing the array's memory (read_members returns writable buffers, so no copy is needed)."""
+    t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
 
 
@@ -237,8 +238,8 @@ def read_members(f, shard_name: str, entry: dict) -> dict[str, bytes]:
     out = {}
     for ext, (offset, size, crc) in entry["members"].items():
         f.seek(offset)
-        data = f.read(size)
-        if len(data) != size or zlib.crc32(data) != crc:
+        data = bytearray(size)  # writable, so arrays parsed from it can become tensors without a copy
+        if f.readinto(data) != size or zlib.crc32(data) != crc:
             raise ShardError(f"{shard_name}: sample {entry['key']!r} member {ext} is corrupt (CRC-32 or length "
                              f"mismatch)")
         out[ext] = data

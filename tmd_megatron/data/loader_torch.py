@@ -5,20 +5,35 @@ import torch
 
 from .format import to_tensor
 from .stream import LoaderPosition, SampleStream, StreamSample
-from .text import pad_context
+
+
+def stack_into(arrays: list[tuple], rows: int | None = None) -> torch.Tensor:
+    """One batch tensor, each sample copied in once; with rows, zero-padded along dim 0 to that length."""
+    first = to_tensor(*arrays[0])
+    shape = (rows, *first.shape[1:]) if rows is not None else first.shape
+    out = torch.zeros((len(arrays), *shape), dtype=first.dtype)
+    for i, arr in enumerate(arrays):
+        t = to_tensor(*arr)
+        out[i, : t.shape[0]] = t
+    return out
 
 
 def collate(items: list[StreamSample], text_len: int) -> dict:
     """Stack latents (and noise), zero-pad each context to text_len (Wan's rule), keep strings as lists."""
     samples = [it.sample for it in items]
+    for s in samples:
+        n = s["arrays"]["context"][0].shape[0]
+        if n > text_len:
+            raise ValueError(f"sample {s['key']!r}: context has {n} rows, more than text_len={text_len}: "
+                             f"tokenize with max_length={text_len}")
     batch = {
-        "latent": torch.stack([to_tensor(*s["arrays"]["latent"]) for s in samples]),
-        "context": torch.stack([pad_context(to_tensor(*s["arrays"]["context"]), text_len) for s in samples]),
+        "latent": stack_into([s["arrays"]["latent"] for s in samples]),
+        "context": stack_into([s["arrays"]["context"] for s in samples], rows=text_len),
         "context_len": torch.tensor([s["arrays"]["context"][0].shape[0] for s in samples], dtype=torch.int64),
         "index": torch.tensor([it.index for it in items], dtype=torch.int64),
     }
     if "noise" in samples[0]["arrays"]:
-        batch["noise"] = torch.stack([to_tensor(*s["arrays"]["noise"]) for s in samples])
+        batch["noise"] = stack_into([s["arrays"]["noise"] for s in samples])
     batch.update(prompt=[s["prompt"] for s in samples], key=[s["key"] for s in samples],
                  meta=[s["meta"] for s in samples])
     return batch

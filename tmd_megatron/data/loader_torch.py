@@ -1,6 +1,7 @@
 """Plain PyTorch loader: the reference the DALI pipeline must match batch for batch."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .format import to_tensor
@@ -8,14 +9,14 @@ from .stream import LoaderPosition, SampleStream, StreamSample
 
 
 def stack_into(arrays: list[tuple], rows: int | None = None) -> torch.Tensor:
-    """One batch tensor, each sample copied in once; with rows, zero-padded along dim 0 to that length."""
-    first = to_tensor(*arrays[0])
+    """One batch tensor, each sample copied in once; with rows, zero-padded along dim 0 to that length.
+    numpy does the copies: single-threaded, so the loader does not compete for the trainer's torch threads."""
+    first, dtype_name = arrays[0]
     shape = (rows, *first.shape[1:]) if rows is not None else first.shape
-    out = torch.zeros((len(arrays), *shape), dtype=first.dtype)
-    for i, arr in enumerate(arrays):
-        t = to_tensor(*arr)
-        out[i, : t.shape[0]] = t
-    return out
+    out = np.zeros((len(arrays), *shape), dtype=first.dtype)
+    for i, (arr, _) in enumerate(arrays):
+        out[i, : arr.shape[0]] = arr
+    return to_tensor(out, dtype_name)
 
 
 def collate(items: list[StreamSample], text_len: int) -> dict:

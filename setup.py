@@ -15,9 +15,10 @@ CORE = [
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     "data": ["nvidia-dali-cuda130>=2.0"],
-    "video": ["diffusers>=0.35", "accelerate>=1.0"],
+    "video": ["diffusers>=0.35", "accelerate>=1.0", "av>=14", "transformers>=4.48"],
     # triton: kernels/ tests run its CPU interpreter; CUDA torch wheels bring their own matching triton.
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0", "triton>=3.2"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0", "triton>=3.2",
+             "nvidia-dali-cuda130>=2.0", "av>=14", "transformers>=4.48"],
 }
 
 setup(
@@ -34,7 +35,7 @@ setup(
             "tmd-sample=tmd_megatron.cli.pending:sample",
             "tmd-plan=tmd_megatron.cli.pending:plan",
             "tmd-convert=tmd_megatron.cli.convert:main",
-            "tmd-preprocess=tmd_megatron.cli.pending:preprocess",
+            "tmd-preprocess=tmd_megatron.cli.preprocess:main",
         ]
     },
 )

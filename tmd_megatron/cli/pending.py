@@ -17,7 +17,3 @@ def sample() -> int:
 
 def plan() -> int:
     return _pending("tmd-plan", "Training system")
-
-
-def preprocess() -> int:
-    return _pending("tmd-preprocess", "Data")

@@ -1,0 +1,87 @@
+"""Synthetic task: labels agree with what the pixels show, latents decode exactly, the generator is seeded."""
+import pytest
+import torch
+
+from tmd_megatron.cli.preprocess import main as cli
+from tmd_megatron.data import make_loader
+from tmd_megatron.data.synthetic import ATTRIBUTES, RGB, SYNTHETIC_VERSION, VOCAB, SyntheticTask
+
+
+def object_stats(clip):
+    """From pixels alone: per-frame object mask, mean object colour, centroid (row, col), pixel count."""
+    mask = (clip > -1).any(dim=0)  # [F, S, S]: background is -1 in every channel
+    rows = torch.arange(clip.shape[-2]).view(1, -1, 1).float()
+    cols = torch.arange(clip.shape[-1]).view(1, 1, -1).float()
+    count = mask.sum(dim=(1, 2)).float()
+    centroid = torch.stack([(mask * rows).sum(dim=(1, 2)) / count, (mask * cols).sum(dim=(1, 2)) / count], dim=1)
+    colour = (clip * mask).sum(dim=(1, 2, 3)) / mask.sum()
+    return mask, colour, centroid, count
+
+
+def test_labels_match_the_pixels():
+    task = SyntheticTask(frames=3, size=16)
+    seen = {k: set() for k in ATTRIBUTES}
+    for i in range(200):
+        s = task.sample(i, seed=1)
+        mask, colour, centroid, count = object_stats(s.clip)
+        assert s.prompt == f"a {s.labels['size']} {s.labels['colour']} {s.labels['shape']} moving {s.labels['motion']}"
+        nearest = min(RGB, key=lambda c: float((torch.tensor(RGB[c]) - colour).norm()))
+        assert nearest == s.labels["colour"]
+        d_row, d_col = (centroid[-1] - centroid[0]).tolist()
+        direction = ("down" if d_row > 0 else "up") if abs(d_row) > abs(d_col) else ("right" if d_col > 0 else "left")
+        assert direction == s.labels["motion"] and max(abs(d_row), abs(d_col)) == pytest.approx(4.0)  # 2 px per frame
+        assert bool((count == count[0]).all())  # the shape stays fully inside the frame
+        assert (float(count[0]) > 30) == (s.labels["size"] == "large")
+        for k, v in s.labels.items():
+            seen[k].add(v)
+    assert all(seen[k] == set(v) for k, v in ATTRIBUTES.items())  # every attribute value occurs
+
+
+def test_shapes_are_distinct_at_equal_size_and_place():
+    task = SyntheticTask()
+    masks = [task.render({"shape": sh, "colour": "red", "motion": "left", "size": "large"}, (7.5, 11.5))[0] > 0
+             for sh in ATTRIBUTES["shape"]]
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == len(masks)
+
+
+def test_latent_round_trip_and_scale():
+    task = SyntheticTask()
+    clips, ids = task.clips(256, seed=0)
+    latent = task.encode_clip(clips)
+    assert latent.shape == (256, 16, 3, 8, 8) and ids.shape == (256, 4)
+    torch.testing.assert_close(task.decode_latent(latent), clips, rtol=0, atol=1e-5)
+    assert 0.8 < float(latent.std()) < 1.25  # about unit scale, like Wan's normalised latents
+    # Space-to-depth by hand: latent channels are a fixed linear map of each 2x2 block's 12 colour values.
+    block = clips[0, :, 1, 2:4, 6:8] + 1  # [3, 2, 2]: latent cell (h=1, w=3) of frame 1
+    torch.testing.assert_close(latent[0, :, 1, 1, 3], 2.33 * task.projection @ block.reshape(12))
+
+
+def test_text_encoder_is_fixed_and_versioned():
+    a, b = SyntheticTask(), SyntheticTask()
+    prompt = "a small blue cross moving up"
+    assert torch.equal(a.encode_text(prompt), b.encode_text(prompt))
+    emb = a.encode_text(prompt)
+    assert emb.shape == (7, 32)  # 6 words + EOS
+    assert torch.equal(emb[-1], a.encode_text("")[0])  # the negative prompt is the EOS row alone
+    assert torch.equal(emb[1], a.text_table[VOCAB.index("small")])
+    assert len({tuple(r.tolist()) for r in a.text_table}) == len(VOCAB)
+    with pytest.raises(ValueError, match="purple.*not in the synthetic vocabulary"):
+        a.encode_text("a purple circle")
+
+
+def test_shards_are_reproducible_and_carry_labels(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert cli(["synthetic", str(tmp_path / name), "--num-samples", "10", "--seed", str(seed),
+                    "--samples-per-shard", "4", "--no-progress"]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert files == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+        assert (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
+    task = SyntheticTask()
+    for b in make_loader(tmp_path / "a", 5, backend="torch", text_len=16, num_epochs=1):
+        for j, meta in enumerate(b["meta"]):
+            s = task.sample(meta["index"], seed=3)
+            assert meta["version"] == SYNTHETIC_VERSION and meta["labels"] == s.labels
+            assert meta["label_ids"] == {k: ATTRIBUTES[k].index(v) for k, v in s.labels.items()}
+            torch.testing.assert_close(task.decode_latent(b["latent"][j]), s.clip, rtol=0, atol=1e-5)

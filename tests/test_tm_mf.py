@@ -1,0 +1,155 @@
+"""TM-MF (paper Eq. 9–10, App. A.2, Algorithm 2): each formula by hand, the composed step against an analytic
+student whose loss is known in closed form, and the real step on a tiny Wan model."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from algo_helpers import gen, single_thread, tiny_batch, tiny_student, tiny_teacher  # noqa: F401  (fixture)
+from tmd_megatron.algorithms import TMMFConfig, tm_mf_loss
+from tmd_megatron.algorithms.jvp import exact_total_derivative, total_derivative
+from tmd_megatron.algorithms.tm_mf import adaptive_loss, meanflow_target, mf_guided_velocity
+from tmd_megatron.models.student import StudentConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _t(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def test_eq10_target_and_guidance_by_hand():
+    v, du = torch.full((2, 1, 1, 1, 1), 3.0), torch.full((2, 1, 1, 1, 1), 2.0)
+    target = meanflow_target(v, _t(0.5, 0.4), _t(0.25, 0.4), du)
+    assert target.flatten().tolist() == [3.0 - 0.25 * 2.0, 3.0]  # û = v − (s − r)·du/ds; r = s: û = v
+    u_unc = torch.full_like(v, 1.0)
+    guided = mf_guided_velocity(v, u_unc, 3.0, torch.tensor([True, False]))
+    assert guided.flatten().tolist() == [1.0 + 3.0 * (3.0 - 1.0), 3.0]  # dropped samples stay unguided
+
+
+def test_adaptive_normalisation_value_and_gradient():
+    u = torch.tensor([[1.0, 2.0], [0.0, 3.0]], requires_grad=True)
+    tgt = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    loss, sq = adaptive_loss(u, tgt, c=4.0)
+    assert sq.tolist() == [5.0, 4.0]
+    assert torch.isclose(loss, torch.tensor((5 / 9 + 4 / 8) / 2))
+    loss.backward()
+    # sg() in the denominator: ∂/∂u = 2(u − û)/(‖u − û‖² + c)/B, not the gradient of sq/(sq + c).
+    expect = torch.stack([2 * (u[0] - tgt[0]) / 9, 2 * (u[1] - tgt[1]) / 8]).detach() / 2
+    assert torch.allclose(u.grad, expect)
+
+
+def test_meanflow_identity_is_a_fixed_point_of_the_target():
+    """For y' = a·y the exact average velocity u = y_s(1 − e^{−a(s−r)})/(s − r) satisfies Eq. 8, so with the
+    true velocity v = a·y_s the Eq. 10 target equals u (exact JVP and FD)."""
+    a = 1.7
+    y_s = torch.randn(3, 2, 1, 2, 2, generator=gen(0), dtype=torch.float64)
+    s, r = _t(0.9, 0.5, 0.3), _t(0.2, 0.1, 0.25)
+
+    def u_fn(y, s_):
+        h = (s_ - r).view(-1, 1, 1, 1, 1)
+        return y * (1 - torch.exp(-a * h)) / h
+
+    v = a * y_s
+    u = u_fn(y_s, s)
+    assert torch.allclose(meanflow_target(v, s, r, exact_total_derivative(u_fn, y_s, s, v)), u, atol=1e-12)
+    fd = meanflow_target(v, s, r, total_derivative(u_fn, y_s, s, r, v, "fd", 5e-3))
+    assert torch.allclose(fd, u, atol=1e-5)
+    wrong_sign = v + (s - r).view(-1, 1, 1, 1, 1) * exact_total_derivative(u_fn, y_s, s, v)
+    assert not torch.allclose(wrong_sign, u, atol=1e-3)
+
+
+class AnalyticStudent:
+    """head = v_true + ε(s − r)·z: the loss of the whole TM-MF step is known in closed form.
+
+    It knows the clean batch, so from x_t it recovers the outer noise and the true outer velocity x_1 − x
+    (= y for DTM). Calls are recorded to read back the sampled t, s and r.
+    """
+
+    def __init__(self, x, target, eps=0.3):
+        self.config = StudentConfig(target=target)
+        self.x, self.eps, self.calls, self.t = x, eps, [], None
+        self.z = torch.randn(x.shape, generator=gen(9), dtype=x.dtype)
+
+    def backbone(self, x_t, t, context):
+        self.t = t
+        return SimpleNamespace(x_t=x_t, t=t, context=context)
+
+    def flow_head(self, y_s, s, r, features):
+        tt = features.t.view(-1, 1, 1, 1, 1).to(self.x.dtype)
+        x1 = (features.x_t - (1 - tt) * self.x) / tt
+        self.calls.append((s.detach().clone(), r.detach().clone()))
+        return (x1 - self.x) + self.eps * (s - r).view(-1, 1, 1, 1, 1).to(self.x.dtype) * self.z
+
+
+@pytest.mark.parametrize("target", ["dtm", "x"])
+@pytest.mark.parametrize("jvp", ["fd", "exact"])
+def test_composed_step_matches_the_closed_form(target, jvp):
+    batch = tiny_batch(batch=4, latent=(1, 2, 2))
+    batch.latents = batch.latents.double()
+    student = AnalyticStudent(batch.latents, target)
+    c = 5.0
+    cfg = TMMFConfig(cfg_scale=3.0, cond_dropout=0.5, r_equals_s=0.5, norm_const_per_dim=c / 64, jvp=jvp)
+    loss, metrics = tm_mf_loss(student, batch, cfg, gen(1))
+    s, r = (v.view(-1, 1, 1, 1, 1) for v in student.calls[-1])
+    t = student.t.view(-1, 1, 1, 1, 1)
+    eps, z = student.eps, student.z
+    if target == "dtm":
+        # u = y_1 − y − ε(s−r)z, du/ds = −εz, û = v + ε(s−r)z; the guidance is exact (u_uncond = v).
+        err = -2 * eps * (s - r) * z
+    else:
+        # x̂ = x − tε(s−r)z, u = (y_s − x̂)/s = v + tε(s−r)z/s, du/ds = tεzr/s², û = v − (s−r)tεzr/s².
+        err = t * eps * (s - r) * (s + r) * z / s**2
+    sq = err.pow(2).flatten(1).sum(1)
+    expect = (sq / (sq + c)).mean()
+    assert torch.allclose(loss.double(), expect, rtol=1e-4 if jvp == "fd" else 1e-9)
+    assert float(expect) > 1e-3 and 0 < float(metrics["r_equals_s"]) < 1  # the check is not vacuous
+
+
+def test_step_trains_backbone_and_head_but_not_the_teacher():
+    teacher = tiny_teacher()
+    student = tiny_student(teacher)
+    loss, _ = tm_mf_loss(student, tiny_batch(), TMMFConfig(cfg_source="teacher"), gen(0), teacher=teacher)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert student.wan.blocks[0].ffn[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="needs the teacher"):
+        tm_mf_loss(student, tiny_batch(), TMMFConfig(cfg_source="teacher"), gen(0))
+
+
+def test_fd_and_exact_jvp_give_the_same_loss_on_the_tiny_model(monkeypatch):
+    teacher = tiny_teacher()
+    student = tiny_student(teacher)
+    from tmd_megatron.algorithms import tm_mf
+    from tmd_megatron.algorithms.bench_jvp import band_limit_inner_time, perturb_extras
+
+    perturb_extras(student)
+    band_limit_inner_time(student, 0.05)
+    batch = tiny_batch()
+    cfg = TMMFConfig(r_equals_s=0.0, norm_const_per_dim=1e3)  # every sample uses the JVP term
+    with torch.no_grad():
+        fd = float(tm_mf_loss(student, batch, cfg, gen(0))[0])
+        exact = float(tm_mf_loss(student, batch, cfg.replace(jvp="exact"), gen(0))[0])
+        derivative = tm_mf.total_derivative
+        monkeypatch.setattr(tm_mf, "total_derivative", lambda *a, **k: 0 * derivative(*a, **k))
+        without = float(tm_mf_loss(student, batch, cfg, gen(0))[0])
+    assert abs(fd - exact) < 0.01 * exact
+    assert abs(without - exact) > 3 * abs(fd - exact)  # the JVP term matters at this tolerance
+
+
+def test_tm_mf_loss_decreases_on_a_fixed_batch():
+    """Acceptance: a few dozen TM-MF steps on one batch (same noise each step) lower the loss."""
+    teacher = tiny_teacher()
+    student = tiny_student(teacher)
+    batch = tiny_batch()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.01)
+    losses = []
+    for _ in range(25):
+        loss, _ = tm_mf_loss(student, batch, TMMFConfig(), gen(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.85 * losses[0]
+    assert all(torch.isfinite(p).all() for p in student.parameters())

@@ -1,0 +1,75 @@
+"""Classifier-free guidance with the negative prompt (Table 8) and condition dropout (App. A.2)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .timesteps import per_sample, wan_units
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Standard CFG: uncond + g·(cond − uncond), g = 1 returns cond."""
+    return uncond + scale * (cond - uncond)
+
+
+def match_contexts(context: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context [B, T, C] and the negative-prompt embedding ([T', C], [1, T', C] or [B, T', C]) zero-padded to
+    one length and broadcast to the batch; Wan pads text with zeros anyway (WAN_SPEC §2.3)."""
+    if negative.ndim == 2:
+        negative = negative.unsqueeze(0)
+    if negative.ndim != 3 or negative.shape[-1] != context.shape[-1]:
+        raise ValueError(
+            f"negative-prompt embedding must be [T, {context.shape[-1]}] or [B, T, {context.shape[-1]}], "
+            f"got {tuple(negative.shape)}"
+        )
+    length = max(context.shape[1], negative.shape[1])
+    context = F.pad(context, (0, 0, 0, length - context.shape[1]))
+    negative = F.pad(negative, (0, 0, 0, length - negative.shape[1])).to(context)
+    return context, negative.expand(context.shape[0], -1, -1)
+
+
+def drop_condition(
+    context: torch.Tensor, negative: torch.Tensor, p_drop: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition dropout (App. A.2): each sample's prompt is replaced by the negative prompt with probability
+    p_drop. Returns the context to use and `keep` [B] (True = still conditional)."""
+    context, negative = match_contexts(context, negative)
+    keep = torch.rand(context.shape[0], generator=gen, device=gen.device) >= p_drop
+    keep = keep.to(context.device)
+    return torch.where(per_sample(keep, context).bool(), context, negative), keep
+
+
+def wan_velocity(model, x_t, t, context, capture: tuple[int, ...] = (), skip_layers: tuple[int, ...] = ()):
+    """A Wan model's velocity at (x_t, t ∈ [0,1]) and {block: hidden tokens} for `capture`.
+
+    skip_layers bypasses those blocks (skip-layer guidance for the unconditional branch, Table 7 KD).
+    """
+    if not skip_layers:
+        out = model(x_t, wan_units(t), context, return_hidden=tuple(capture))
+        return out if capture else (out, {})
+    bad = [i for i in skip_layers if not 0 <= i < model.config.num_layers]
+    if bad:
+        raise ValueError(
+            f"skip layers {bad} are outside the model's {model.config.num_layers} blocks; set KDConfig.skip_layers"
+        )
+    tokens, geom = model.embed_tokens(x_t)
+    e, e0 = model.embed_time(wan_units(t))
+    ctx = model.embed_text(context)
+    hidden, start = {}, 0
+    for stop in sorted(set(skip_layers)) + [model.config.num_layers]:
+        tokens, h = model.run_blocks(tokens, ctx, e0, geom, start, stop, capture=tuple(capture))
+        hidden.update(h)
+        start = stop + 1
+    return model.head_out(tokens, e, geom), hidden
+
+
+def guided_velocity(
+    model, x_t, t, context, negative, scale: float, skip_layers: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """Teacher velocity with CFG against the negative prompt; the unconditional pass may skip layers."""
+    cond, _ = wan_velocity(model, x_t, t, context)
+    if scale == 1.0:
+        return cond
+    context, negative = match_contexts(context, negative)
+    uncond, _ = wan_velocity(model, x_t, t, negative, skip_layers=skip_layers)
+    return cfg_combine(cond, uncond, scale)

@@ -1,4 +1,10 @@
-"""What every training step takes: the data batch, and noise drawn from a caller-owned generator."""
+"""What every training step takes: the data batch, and its randomness.
+
+Randomness comes from a caller-owned source: a `torch.Generator` (one stream for the whole batch), or a
+`SampleRNG` (one stream per sample). With SampleRNG every sample's draws depend on its own seed alone, so a
+step gives the same result however the batch is split over data-parallel ranks and microbatches; the
+trainer always uses it. All draws go through `randn`, `rand` and `randint` below.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +27,45 @@ class Batch:
             )
 
 
-def randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise shaped like x from `gen` (the trainer derives it from seed, step, role and DP rank, so
-    TP/CP ranks of one sample draw the same noise)."""
-    return torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
+class SampleRNG:
+    """One generator per sample of a batch, seeded by the caller (e.g. from seed, step, role, sample index)."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def _check(self, n: int) -> None:
+        if n != len(self.gens):
+            raise ValueError(f"a draw for {n} samples from a SampleRNG of {len(self.gens)} samples")
+
+
+def randn(shape, gen, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal of `shape` ([B, ...]) on gen's device."""
+    if isinstance(gen, SampleRNG):
+        gen._check(shape[0])
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=gen.device) for g in gen.gens])
+    return torch.randn(tuple(shape), generator=gen, dtype=dtype, device=gen.device)
+
+
+def rand(n: int, gen, dtype=torch.float32) -> torch.Tensor:
+    """[n] uniform on [0, 1)."""
+    if isinstance(gen, SampleRNG):
+        gen._check(n)
+        return torch.cat([torch.rand(1, generator=g, dtype=dtype, device=gen.device) for g in gen.gens])
+    return torch.rand(n, generator=gen, dtype=dtype, device=gen.device)
+
+
+def randint(low: int, high: int, n: int, gen) -> torch.Tensor:
+    """[n] integers in [low, high)."""
+    if isinstance(gen, SampleRNG):
+        gen._check(n)
+        return torch.cat([torch.randint(low, high, (1,), generator=g, device=gen.device) for g in gen.gens])
+    return torch.randint(low, high, (n,), generator=gen, device=gen.device)
+
+
+def randn_like(x: torch.Tensor, gen) -> torch.Tensor:
+    """Gaussian noise shaped like x (one sample per row of x)."""
+    return randn(x.shape, gen, x.dtype).to(x.device)

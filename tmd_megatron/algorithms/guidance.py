@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import rand
 from .timesteps import per_sample, wan_units
 
 
@@ -34,7 +35,7 @@ def drop_condition(
     """Condition dropout (App. A.2): each sample's prompt is replaced by the negative prompt with probability
     p_drop. Returns the context to use and `keep` [B] (True = still conditional)."""
     context, negative = match_contexts(context, negative)
-    keep = torch.rand(context.shape[0], generator=gen, device=gen.device) >= p_drop
+    keep = rand(context.shape[0], gen) >= p_drop
     keep = keep.to(context.device)
     return torch.where(per_sample(keep, context).bool(), context, negative), keep
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .common import randn_like
 from .guidance import guided_velocity, wan_velocity
 from .timesteps import per_sample
 from .transition import ddim_step, inner_flow, outer_step, x0_from_velocity
@@ -49,7 +50,7 @@ def tmd_sample(student, noise, context, outer_grid, inner_grid, gen: torch.Gener
     for i in range(len(outer_grid) - 1, 0, -1):
         t, t_next = _times(outer_grid, i, x.shape[0], x.device)
         features = student.backbone(x, t, context)
-        y1 = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
+        y1 = randn_like(x, gen)
         y_hat = inner_flow(student, features, y1, inner_grid)
         x = outer_step(x, t, t_next, y_hat, student.config.target)
     return x

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import rand, randint
+
 T_DTYPE = torch.float64
 
 
@@ -58,7 +60,7 @@ def wan_sampling_grid(steps: int = 50, shift: float = 5.0, device=None) -> torch
 
 
 def uniform(n: int, gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=T_DTYPE, device=gen.device)
+    return lo + (hi - lo) * rand(n, gen, T_DTYPE)
 
 
 def sample_shifted(n: int, gamma: float, gen: torch.Generator, lo: float = 0.001, hi: float = 0.999) -> torch.Tensor:
@@ -76,7 +78,7 @@ def sample_shifted(n: int, gamma: float, gen: torch.Generator, lo: float = 0.001
 
 def sample_grid_times(n: int, grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """t_i ~ Unif{t_1, ..., t_M} (Algorithm 2): the outer noise levels training visits (never t_0 = 0)."""
-    idx = torch.randint(1, len(grid), (n,), generator=gen, device=gen.device)
+    idx = randint(1, len(grid), n, gen)
     return grid.to(gen.device)[idx]
 
 
@@ -101,7 +103,7 @@ def sample_mf_times(
     every data-parallel rank whatever the per-rank batch)."""
     s = sample_shifted(n, s_shift, gen, lo, hi)
     r = grid_floor(s, inner_grid)
-    same = torch.rand(n, generator=gen, device=gen.device) < r_equals_s
+    same = rand(n, gen) < r_equals_s
     return s, torch.where(same.to(s.device), s, r)
 
 

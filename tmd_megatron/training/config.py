@@ -1,0 +1,231 @@
+"""The training recipe schema (hydra structured config) and its resolution into typed configs.
+
+recipes/train.yaml composes model/, parallel/, method/, data/ and experiment/ groups onto this schema; every
+field can be overridden on the command line (`tmd-train parallel.tp=4 run.max_steps=10`). Algorithm knobs
+live in tmd_megatron.algorithms.config (Table 7 defaults per model size); the recipe's method.* dicts are
+overrides applied on top, so there is one source of truth for each paper value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from tmd_megatron.algorithms.config import MODEL_SIZES, DMD2vConfig, KDConfig, TMMFConfig
+from tmd_megatron.models.student import StudentConfig
+from tmd_megatron.models.wan import WanConfig
+
+METHODS = ("flow_matching", "kd", "tm_mf", "dmd2v", "tmd")
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+    max_steps: Optional[int] = None  # None: the method's Table 7 iteration count
+    log_every: int = 1
+    ckpt_every: int = 50  # steps between checkpoints (0: only at the end and on preemption)
+    keep_last: int = 3
+    sample_every: int = 0  # steps between preview samples (0: never)
+    num_samples: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = "auto"  # auto (from latest if present) | never | a step number | a checkpoint path
+    max_skipped_steps: int = 10  # NaN/Inf steps tolerated before the run stops
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)  # WanConfig fields on top of the preset
+    teacher: Optional[str] = None  # teacher checkpoint dir (original or diffusers format)
+    init: Optional[str] = None  # initial weights of the trained model (e.g. the stage-1 student)
+    backend: str = "torch"  # torch | te
+    compute_dtype: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
+    teacher_dtype: str = "fp32"  # frozen teacher weights: bf16 halves its memory on GPU
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = True
+    cp_comm: str = "ring"  # ring | ulysses
+    attention: str = "sdpa"  # sdpa | flash
+    schedule: str = "1f1b"  # 1f1b | gpipe
+    microbatches: int = 1  # per optimizer step and DP rank (gradient accumulation / pipeline depth)
+    zero1: bool = True
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DistillSection:
+    outer_steps: int = 2  # M
+    inner_steps: int = 4  # N (TMD)
+    head_blocks: int = 5  # H (TMD)
+
+
+@dataclass
+class MethodSection:
+    name: str = "tmd"
+    student: dict = field(default_factory=dict)  # StudentConfig overrides (fusion, target, head_time, ...)
+    tm_mf: dict = field(default_factory=dict)  # TMMFConfig overrides
+    dmd2v: dict = field(default_factory=dict)  # DMD2vConfig overrides
+    kd: dict = field(default_factory=dict)  # KDConfig overrides
+    flow_matching: dict = field(default_factory=dict)  # teacher pretraining: {t_shift: 3.0}
+
+
+@dataclass
+class DataSection:
+    source: str = "synthetic"  # synthetic | shards
+    shards: list = field(default_factory=list)
+    loader: str = "torch"  # torch | dali
+    global_batch: int = 8
+    on_corrupt: str = "raise"  # raise | skip
+    negative: str = "zeros"  # zeros | path to a .pt tensor [T, C] (the umT5 embedding of Table 8's prompt)
+    latent: list = field(default_factory=lambda: [16, 3, 8, 8])  # C, F, H, W (for the planner)
+    synthetic: dict = field(default_factory=lambda: {"num_samples": 256, "seed": 0})
+
+
+@dataclass
+class OptimSection:
+    lr: Optional[float] = None  # None: the method's Table 7 value
+    lr_fake: Optional[float] = None
+    lr_disc: Optional[float] = None
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    ema_decay: float = 0.0  # 0 disables the student EMA
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    meta: dict = field(default_factory=dict)  # free-form, e.g. the experiment's paper reference
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe value that cannot work; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A recipe turned into the typed configs the trainer builds from."""
+
+    raw: TrainConfig
+    wan: WanConfig
+    student: StudentConfig | None
+    tm_mf: TMMFConfig | None
+    dmd2v: DMD2vConfig | None
+    kd: KDConfig | None
+    lr: float
+    lr_fake: float
+    lr_disc: float
+    max_steps: int
+
+    @property
+    def method(self) -> str:
+        return self.raw.method.name
+
+
+def _algo(cls, preset: str, overrides: dict, where: str):
+    try:
+        if preset in MODEL_SIZES:
+            return cls.for_model(preset, **overrides)
+        return cls(**overrides)
+    except TypeError as err:
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        raise RecipeError(f"{where}: {err}; known fields: {names}") from None
+    except ValueError as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def _plain(d) -> dict:
+    d = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def to_schema(cfg: Any) -> TrainConfig:
+    """A composed DictConfig (or a TrainConfig) as a TrainConfig object, with interpolations resolved."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def resolve(cfg: Any) -> Resolved:
+    raw = to_schema(cfg)
+    m = raw.method
+    if m.name not in METHODS:
+        raise RecipeError(f"method.name={m.name!r} is unknown; choose one of {METHODS}")
+    try:
+        wan = WanConfig.preset(raw.model.preset).replace(**_plain(raw.model.overrides))
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model: {err}") from None
+    preset, d = raw.model.preset, raw.distill
+    student = None
+    if m.name in ("tm_mf", "tmd"):
+        try:
+            student = StudentConfig(**{"flow_head_blocks": d.head_blocks, **_plain(m.student)})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"method.student: {err}") from None
+    steps = {"outer_steps": d.outer_steps, "inner_steps": d.inner_steps}
+    tm_mf = _algo(TMMFConfig, preset, {**steps, **_plain(m.tm_mf)}, "method.tm_mf") if m.name == "tm_mf" else None
+    dmd2v = None
+    if m.name in ("dmd2v", "tmd"):
+        dmd2v = _algo(DMD2vConfig, preset, {**steps, **_plain(m.dmd2v)}, "method.dmd2v")
+    kd = _algo(KDConfig, preset, _plain(m.kd), "method.kd") if m.name == "kd" else None
+    o = raw.optim
+    default_lr = {"tm_mf": tm_mf and tm_mf.lr, "kd": kd and kd.lr, "flow_matching": 1e-4}.get(m.name)
+    if dmd2v is not None:
+        default_lr = dmd2v.lr_student
+    lr = o.lr if o.lr is not None else default_lr
+    lr_fake = o.lr_fake if o.lr_fake is not None else (dmd2v.lr_fake if dmd2v else lr)
+    lr_disc = o.lr_disc if o.lr_disc is not None else (dmd2v.lr_disc if dmd2v else lr)
+    max_steps = raw.run.max_steps
+    if max_steps is None:
+        paper = {"tm_mf": tm_mf and tm_mf.max_iters, "kd": kd and kd.max_iters}.get(m.name)
+        max_steps = dmd2v.max_iters if dmd2v is not None else paper
+        if max_steps is None:
+            raise RecipeError(f"run.max_steps is not set and method {m.name!r} has no paper default; set run.max_steps")
+    return Resolved(raw, wan, student, tm_mf, dmd2v, kd, lr, lr_fake, lr_disc, max_steps)
+
+
+def recipe_dir():
+    """recipes/ next to the package (editable installs, the container) or $TMD_RECIPES."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("TMD_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
+
+
+def compose(overrides=(), config_name: str = "train"):
+    """The composed recipe for command-line style overrides, without running a hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(recipe_dir()), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)

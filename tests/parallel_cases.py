@@ -1,0 +1,224 @@
+"""What each spawned rank runs: a parallel layout against the single-process model on the same seed and data.
+
+The reference is the plain WanModel on one process (computed on every rank: the model is tiny). The
+parallel run goes through the real path: parallelize -> WanStage + run_pipeline (with a hidden-state loss on
+block 1 and output gradients supplied on the last stage) -> ZeroAdamW.reduce_grads / step. Errors are
+max|a - b| / max|b| per tensor, maximised over tensors.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from comm_formula import pipeline_comm, zero_comm
+from tmd_megatron.models.wan import WanConfig, WanModel
+from tmd_megatron.parallel import (
+    WanStage,
+    ZeroAdamW,
+    comm,
+    count_comm,
+    gather_full_state,
+    init_topology,
+    parallelize,
+    run_pipeline,
+    tp_partial_names,
+    tp_split_dims,
+)
+
+CFG = WanConfig.preset("tiny")  # dim 64, 4 heads (d=16), 4 blocks, ffn 128, text_len 64
+LATENT = (3, 10, 14)  # grid 3x5x7 = 105 tokens: divisible by neither 2 nor 4
+BATCH = 4
+HIDDEN_BLOCK = 1
+HIDDEN_WEIGHT = 0.5
+WEIGHT_DECAY, NO_DECAY = 0.1, ("bias", "norm")
+# The first AdamW step is ~lr*sign(g): in fp32, gradient elements that cancel to ~1e-6 (cross-attention k
+# biases) make it ill-conditioned at eps=1e-8, so fp32 runs use eps=1e-3; fp64 runs keep the default eps.
+ADAM = {torch.float32: dict(lr=1e-4, eps=1e-3), torch.float64: dict(lr=1e-3, eps=1e-8)}
+
+
+def reference_model() -> WanModel:
+    torch.manual_seed(0)
+    model = WanModel(CFG)
+    with torch.no_grad():  # distinct norm gains and biases, so a swapped or unsharded one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def sample(latent, dtype):
+    g = torch.Generator().manual_seed(1)
+    grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
+    d = dict(
+        x=torch.randn(BATCH, CFG.in_dim, *latent, generator=g),
+        ctx=torch.randn(BATCH, 10, CFG.text_dim, generator=g),
+        probe=torch.randn(BATCH, CFG.out_dim, *latent, generator=g),
+        probe_h=torch.randn(BATCH, CFG.dim, *grid, generator=g),
+    )
+    d = {k: v.to(dtype) for k, v in d.items()}
+    d["t"] = torch.tensor([37.0, 912.0, 400.0, 5.0])
+    return d
+
+
+def _optimizer(named, dtype):
+    decay = [p for n, p in named if not any(s in n for s in NO_DECAY)]
+    rest = [p for n, p in named if any(s in n for s in NO_DECAY)]
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, foreach=False, **ADAM[dtype])
+
+
+def _loss64(out, feat, probe, probe_h, n):
+    """The loss value summed in fp64 from the network's outputs (a sum of +-terms: fp32 summation would
+    dominate the comparison)."""
+    return ((out.double() * probe.double()).sum() + HIDDEN_WEIGHT * (feat.double() * probe_h.double()).sum()) / n
+
+
+@functools.lru_cache(maxsize=None)
+def reference(latent=LATENT, dtype=torch.float32) -> dict:
+    model = reference_model().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = sample(latent, dtype)
+    x = d["x"].clone().requires_grad_(True)
+    out, hidden = model(x, d["t"], d["ctx"], return_hidden=(HIDDEN_BLOCK,))
+    grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
+    feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], model.geometry(grid, x.device))
+    loss = (out * d["probe"]).sum() / BATCH + HIDDEN_WEIGHT * (feat * d["probe_h"]).sum() / BATCH
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
+    _optimizer(list(model.named_parameters()), dtype).step()
+    return dict(before=before, out=out.detach(), loss=_loss64(out, feat, d["probe"], d["probe_h"], BATCH).detach(),
+                grads=grads, x_grad=x.grad, norm=norm, after={k: v.clone() for k, v in model.state_dict().items()},
+                data=d)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| of one tensor."""
+    scale = float(b.abs().max())
+    return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def rel_errs(a: dict, b: dict) -> tuple[float, float, str]:
+    """(worst per-tensor error, error relative to the largest |b| over all tensors, worst tensor's name)."""
+    worst = max(b, key=lambda k: rel_err(a[k], b[k]))
+    scale = max(float(v.abs().max()) for v in b.values())
+    joint = max(float((a[k] - b[k]).abs().max()) for k in b) / scale
+    return rel_err(a[worst], b[worst]), joint, worst
+
+
+def _count_c10d(prof) -> int:
+    return sum(1 for e in prof.events() if e.name.startswith("c10d::"))
+
+
+def run_layout(case: dict) -> dict:
+    """One layout on this rank; returns its max errors and communication tables."""
+    tp, cp, pp = case.get("tp", 1), case.get("cp", 1), case.get("pp", 1)
+    sp, cp_comm = case.get("sp", True), case.get("cp_comm", "ring")
+    m, schedule, ac = case.get("microbatches", 1), case.get("schedule", "1f1b"), case.get("ac", False)
+    latent = case.get("latent", LATENT)
+    dtype = case.get("dtype", torch.float32)
+    ref = reference(latent, dtype)
+    d = ref["data"]
+    topo = init_topology(tp, cp, pp, timeout_s=120)
+    dp = topo.dp.size
+    model = parallelize(CFG, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype)
+    model.activation_checkpointing = ac
+    zero = ZeroAdamW(model, topo, weight_decay=WEIGHT_DECAY, no_decay=NO_DECAY, **ADAM[dtype])
+
+    b_local = BATCH // dp
+    mb = b_local // m
+    lo = topo.dp.rank * b_local
+    sl = [slice(lo + i * mb, lo + (i + 1) * mb) for i in range(m)]
+
+    hidden64 = {}  # the hidden loss values summed in fp64 (for the loss comparison)
+
+    def hidden_loss(i, hidden, geom):
+        feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], geom)
+        probe_h = d["probe_h"][sl[i]]
+        hidden64[i] = HIDDEN_WEIGHT * (feat.double() * probe_h.double()).sum().detach() / b_local
+        return HIDDEN_WEIGHT * (feat * probe_h).sum() / b_local
+
+    stage = WanStage(model, (mb, CFG.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss)
+    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s]) for s in sl]
+    out_grads = [(d["probe"][s] / b_local,) for s in sl]
+    with count_comm() as c_pipe, profile(activities=[ProfilerActivity.CPU]) as prof:
+        res = run_pipeline(stage, topo.pp, m, boundary=stage.boundary(), inputs=inputs, output_grads=out_grads,
+                           schedule=schedule, device=topo.device)
+    c10d_events = _count_c10d(prof)
+    with count_comm() as c_reduce:
+        zero.reduce_grads()
+    norm = zero.grad_norm()
+    reduced = zero.reduced_grads()
+    with count_comm() as c_step:
+        zero.step()
+    after = gather_full_state(model, topo)
+
+    errors, worst = {}, {}
+    span = model.stage
+    local_loss = torch.zeros((), dtype=torch.float64)
+    if span.last:
+        out = torch.cat([o[0] for o in res.outputs])
+        errors["output"] = rel_err(out, ref["out"][lo : lo + b_local])
+        local_loss += sum((o[0].double() * d["probe"][s].double()).sum() for o, s in zip(res.outputs, sl)) / b_local
+    if any(v is not None for v in res.losses) != bool(hidden64):
+        raise AssertionError("the engine did not report the stage's local losses")
+    local_loss += sum(hidden64.values())
+    # every tp/cp rank holds the same values; dp ranks hold local means
+    loss = comm.all_reduce(local_loss.reshape(1), topo.world) / (tp * cp * dp)
+    errors["loss"] = rel_err(loss, ref["loss"].reshape(1))
+    if span.first:
+        x_grad = torch.cat([g[0] for g in res.input_grads]) / dp
+        errors["input_grad"] = rel_err(x_grad, ref["x_grad"][lo : lo + b_local])
+    split = tp_split_dims(model)
+    full = {n: comm.all_gather(g, topo.tp, split[n]) if n in split else g for n, g in reduced.items()}
+    errors["grads_per_tensor"], errors["grads"], worst["grads"] = rel_errs(full, {n: ref["grads"][n] for n in full})
+    errors["grad_norm"] = rel_err(norm, ref["norm"])
+    if set(after) != set(ref["after"]):
+        raise AssertionError("gathered state dict names differ from the single-process model's")
+    errors["params_per_tensor"], errors["params_after_step"], worst["params"] = rel_errs(after, ref["after"])
+
+    local_params = dict(model.named_parameters())
+    expect_pipe = pipeline_comm(
+        CFG, latent, mb, m, tp=tp, cp=cp, pp=pp, pp_rank=topo.pp.rank, blocks=range(span.start, span.end), sp=sp,
+        cp_comm=cp_comm, ac=ac, hidden_block=HIDDEN_BLOCK, e=torch.finfo(dtype).bits // 8,
+    )
+    partial = sum(local_params[n].numel() for n in tp_partial_names(model))
+    expect_reduce, expect_step = zero_comm(
+        [bk.numel for bk in zero.buckets], tp=tp, dp_cp=topo.dp_cp.size, tp_partial_numel=partial,
+        e=torch.finfo(dtype).bits // 8,
+    )
+    return dict(
+        rank=topo.world.rank,
+        worst=worst,
+        coords=(topo.dp.rank, topo.pp.rank, topo.cp.rank, topo.tp.rank),
+        errors=errors,
+        comm=dict(pipeline=(c_pipe.table(), expect_pipe), reduce=(c_reduce.table(), expect_reduce),
+                  step=(c_step.table(), expect_step)),
+        c10d_events=c10d_events,
+        counted_calls=sum(c for c, _ in c_pipe.table().values()),
+        idle=res.idle_fraction,
+        max_in_flight=res.max_in_flight,
+        trace_order=[(op, i) for op, i, _, _ in res.trace],
+    )
+
+
+def run_cases(cases: dict) -> dict:
+    return {name: run_layout(case) for name, case in cases.items()}
+
+
+def total_bytes(table: dict) -> int:
+    return sum(b for _, b in table.values())
+
+
+def summarize(results_per_rank: list, name: str) -> dict:
+    """Max error per quantity over ranks for one layout."""
+    out = {}
+    for r in results_per_rank:
+        for k, v in r[name]["errors"].items():
+            out[k] = max(out.get(k, 0.0), v)
+    return out
+

@@ -21,12 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world, port, results, args, stack_dump_after):
+def launcher_env(launcher: str, rank: int, world: int, port: int) -> dict:
+    """What torchrun or srun (one node) would set for this rank."""
+    if launcher == "torchrun":
+        return dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port))
+    if launcher == "slurm":
+        return dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_LOCALID=str(rank),
+                    SLURM_JOB_NODELIST="127.0.0.[1]", SLURM_JOB_ID=str(port - 10000))
+    raise ValueError(launcher)
+
+
+def _worker(fn, rank, world, port, results, args, stack_dump_after, launcher):
     # a hung rank prints where it is stuck before the parent kills it
     faulthandler.dump_traceback_later(stack_dump_after, exit=False)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    os.environ.update(launcher_env(launcher, rank, world, port))
     try:
         import torch
 
@@ -47,12 +58,17 @@ def _worker(fn, rank, world, port, results, args, stack_dump_after):
         os._exit(code)
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> list:
-    """fn(*args) on `world` spawned ranks; returns the per-rank results in rank order."""
+def run_ranks(fn, world: int, *args, timeout: float = 300.0, launcher: str = "torchrun") -> list:
+    """fn(*args) on `world` spawned ranks; returns the per-rank results in rank order.
+
+    launcher: which environment the ranks see ('torchrun' or 'slurm' variables).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, results, args, max(1.0, timeout - 5)), daemon=True) for r in range(world)]
+    while launcher == "slurm" and not 10000 <= port < 60000:  # SLURM's port is derived from the job id
+        port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, results, args, max(1.0, timeout - 5), launcher), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     out, deadline = {}, time.monotonic() + timeout

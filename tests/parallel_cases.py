@@ -71,10 +71,14 @@ def _optimizer(named, dtype):
     return torch.optim.AdamW(groups, foreach=False, **ADAM[dtype])
 
 
-def _loss64(out, feat, probe, probe_h, n):
-    """The loss value summed in fp64 from the network's outputs (a sum of +-terms: fp32 summation would
-    dominate the comparison)."""
-    return ((out.double() * probe.double()).sum() + HIDDEN_WEIGHT * (feat.double() * probe_h.double()).sum()) / n
+# Loss terms: a random projection plus a quadratic (so the value does not cancel to ~0 and its relative
+# error is meaningful). The output term's gradient, probe + out, is what the last stage is handed.
+def out_term(out, probe):
+    return (out * probe + 0.5 * out * out).sum()
+
+
+def hidden_term(feat, probe_h):
+    return HIDDEN_WEIGHT * (feat * probe_h + 0.5 * feat * feat).sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,12 +90,13 @@ def reference(latent=LATENT, dtype=torch.float32) -> dict:
     out, hidden = model(x, d["t"], d["ctx"], return_hidden=(HIDDEN_BLOCK,))
     grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
     feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], model.geometry(grid, x.device))
-    loss = (out * d["probe"]).sum() / BATCH + HIDDEN_WEIGHT * (feat * d["probe_h"]).sum() / BATCH
+    loss = (out_term(out, d["probe"]) + hidden_term(feat, d["probe_h"])) / BATCH
+    loss64 = (out_term(out.double(), d["probe"].double()) + hidden_term(feat.double(), d["probe_h"].double())) / BATCH
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
     _optimizer(list(model.named_parameters()), dtype).step()
-    return dict(before=before, out=out.detach(), loss=_loss64(out, feat, d["probe"], d["probe_h"], BATCH).detach(),
+    return dict(before=before, out=out.detach(), loss=loss64.detach(),
                 grads=grads, x_grad=x.grad, norm=norm, after={k: v.clone() for k, v in model.state_dict().items()},
                 data=d)
 
@@ -139,14 +144,18 @@ def run_layout(case: dict) -> dict:
     def hidden_loss(i, hidden, geom):
         feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], geom)
         probe_h = d["probe_h"][sl[i]]
-        hidden64[i] = HIDDEN_WEIGHT * (feat.double() * probe_h.double()).sum().detach() / b_local
-        return HIDDEN_WEIGHT * (feat * probe_h).sum() / b_local
+        hidden64[i] = hidden_term(feat.double(), probe_h.double()).detach() / b_local
+        return hidden_term(feat, probe_h) / b_local
 
     stage = WanStage(model, (mb, CFG.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss)
+    stage_fn = _sabotage(case.get("sabotage"), stage, topo)
     inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s]) for s in sl]
-    out_grads = [(d["probe"][s] / b_local,) for s in sl]
+
+    def out_grads(i, outputs):  # d out_term / d out, handed to the last stage
+        return ((d["probe"][sl[i]] + outputs[0]) / b_local,)
+
     with count_comm() as c_pipe, profile(activities=[ProfilerActivity.CPU]) as prof:
-        res = run_pipeline(stage, topo.pp, m, boundary=stage.boundary(), inputs=inputs, output_grads=out_grads,
+        res = run_pipeline(stage_fn, topo.pp, m, boundary=stage.boundary(), inputs=inputs, output_grads=out_grads,
                            schedule=schedule, device=topo.device)
     c10d_events = _count_c10d(prof)
     with count_comm() as c_reduce:
@@ -163,7 +172,7 @@ def run_layout(case: dict) -> dict:
     if span.last:
         out = torch.cat([o[0] for o in res.outputs])
         errors["output"] = rel_err(out, ref["out"][lo : lo + b_local])
-        local_loss += sum((o[0].double() * d["probe"][s].double()).sum() for o, s in zip(res.outputs, sl)) / b_local
+        local_loss += sum(out_term(o[0].double(), d["probe"][s].double()) for o, s in zip(res.outputs, sl)) / b_local
     if any(v is not None for v in res.losses) != bool(hidden64):
         raise AssertionError("the engine did not report the stage's local losses")
     local_loss += sum(hidden64.values())
@@ -201,9 +210,35 @@ def run_layout(case: dict) -> dict:
         c10d_events=c10d_events,
         counted_calls=sum(c for c, _ in c_pipe.table().values()),
         idle=res.idle_fraction,
+        zero_shard=(sum(bk.master.numel() for bk in zero.buckets), sum(bk.numel for bk in zero.buckets)),
         max_in_flight=res.max_in_flight,
         trace_order=[(op, i) for op, i, _, _ in res.trace],
     )
+
+
+def _sabotage(kind, stage, topo):
+    """Deliberate faults that the checks must catch (negative controls)."""
+    if kind is None:
+        return stage
+    if kind == "local_qk_norm":  # forget to reduce the q/k RMS over the TP group
+        from tmd_megatron.parallel.tensor import TPRMSNormAcrossHeads
+
+        for mod in stage.model.modules():
+            if isinstance(mod, TPRMSNormAcrossHeads):
+                mod.mean_square = lambda x32: x32.pow(2).mean(dim=-1, keepdim=True)
+        return stage
+
+    def with_extra_collective(mb, inputs):
+        if mb == 0:
+            if kind == "extra_counted":  # through our wrappers: the byte table changes
+                comm.all_reduce(torch.zeros(4), topo.world)
+            elif kind == "extra_raw":  # behind the counter's back: the profiler sees it
+                torch.distributed.all_reduce(torch.zeros(4))
+            else:
+                raise ValueError(kind)
+        return stage(mb, inputs)
+
+    return with_extra_collective
 
 
 def run_cases(cases: dict) -> dict:
@@ -222,3 +257,60 @@ def summarize(results_per_rank: list, name: str) -> dict:
             out[k] = max(out.get(k, 0.0), v)
     return out
 
+
+
+# ---- the layout matrix and how its results are judged ------------------------------------------------------------
+F32_KEYS = ("output", "loss", "input_grad", "grads", "grad_norm", "params_after_step")
+F32_TOL, F64_TOL = 1e-5, 1e-10
+
+
+def with_fp64_ac(layouts: dict) -> dict:
+    """Each layout in fp32, plus in fp64 with activation checkpointing (strict per-tensor check)."""
+    cases = dict(layouts)
+    cases.update({f"{k}_fp64_ac": {**v, "dtype": torch.float64, "ac": True} for k, v in layouts.items()})
+    return cases
+
+
+def run_suite(cases: dict, engine: bool = False) -> dict:
+    out = {"layouts": run_cases(cases)}
+    if engine:
+        from pipeline_cases import run_engine_checks
+
+        out["engine"] = run_engine_checks()
+    return out
+
+
+def failures(per_rank: list, name: str) -> list[str]:
+    """Everything wrong with one layout's results, over all ranks (empty when it equals one process)."""
+    problems = []
+    fp64 = name.endswith("_fp64_ac")
+    for r in per_rank:
+        res = r["layouts"][name]
+        for key, err in res["errors"].items():
+            limit = F64_TOL if fp64 else (F32_TOL if key in F32_KEYS else None)
+            if limit is not None and not err <= limit:
+                problems.append(f"rank {res['rank']}: {key} error {err:.2e} > {limit:.0e}")
+        for phase, (got, expected) in res["comm"].items():
+            if got != expected:
+                problems.append(f"rank {res['rank']}: {phase} communication {got} != analytic {expected}")
+        if res["c10d_events"] != res["counted_calls"]:
+            problems.append(f"rank {res['rank']}: profiler saw {res['c10d_events']} c10d ops, counter {res['counted_calls']}")
+    return problems
+
+
+def draw_noise() -> dict:
+    """generator_for under TP x DP and CP x DP: (dp, cp, tp) coordinates and the noise each rank draws."""
+    from tmd_megatron.parallel import generator_for
+
+    out = {}
+    for name, sizes in {"tp2": dict(tp=2), "cp2": dict(cp=2)}.items():
+        topo = init_topology(**sizes, timeout_s=120)
+        noise = torch.randn(5, generator=generator_for(1234, 7, "student_noise", topo)).tolist()
+        out[name] = ((topo.dp.rank, topo.cp.rank, topo.tp.rank), noise)
+    return out
+
+
+def run_suite_with_noise(cases: dict) -> dict:
+    out = run_suite(cases)
+    out["noise"] = draw_noise()
+    return out

@@ -30,7 +30,7 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 class _RingAttention(torch.autograd.Function):
     """Exact softmax attention over K/V chunks passed around the CP ring; fp32 accumulation.
 
-    Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
+    Math in fp32, or fp64 for fp64 inputs. Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
     the probabilities chunk by chunk from the saved log-sum-exp (as flash attention does) while dK/dV
     accumulators travel with their K/V chunk and arrive home after cp hops.
     """
@@ -41,18 +41,19 @@ class _RingAttention(torch.autograd.Function):
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
         scale = q.shape[-1] ** -0.5
         chunks = None if valid is None else valid.view(n, -1)
-        q32 = q.float()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q32 = q.to(acc)
         out = torch.zeros_like(q32)
-        lse = torch.full(q32.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full(q32.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         for step in range(n):
             if step < n - 1:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 pending = comm.exchange(group, [(k_cur, nxt), (v_cur, nxt)], [(k_nxt, prv), (v_nxt, prv)], True)
             src = (r - step) % n
-            s = _masked_scores(q32, k_cur.float(), None if chunks is None else chunks[src], scale)
+            s = _masked_scores(q32, k_cur.to(acc), None if chunks is None else chunks[src], scale)
             blk_lse = torch.logsumexp(s, dim=-1)
-            blk_out = torch.matmul(torch.exp(s - _finite(blk_lse)[..., None]), v_cur.float())
+            blk_out = torch.matmul(torch.exp(s - _finite(blk_lse)[..., None]), v_cur.to(acc))
             new_lse = torch.logaddexp(lse, blk_lse)
             safe = _finite(new_lse)[..., None]
             out = out * torch.exp(lse[..., None] - safe) + blk_out * torch.exp(blk_lse[..., None] - safe)
@@ -72,18 +73,19 @@ class _RingAttention(torch.autograd.Function):
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
         scale = q.shape[-1] ** -0.5
         chunks = None if valid is None else valid.view(n, -1)
-        q32, do32 = q.float(), dout.float()
+        acc = out.dtype
+        q32, do32 = q.to(acc), dout.to(acc)
         delta = (do32 * out).sum(dim=-1, keepdim=True)
         dq = torch.zeros_like(q32)
-        dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         for step in range(n):
             if step < n - 1:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 pending = comm.exchange(group, [(k_cur, nxt), (v_cur, nxt)], [(k_nxt, prv), (v_nxt, prv)], True)
             src = (r - step) % n
-            k32, v32 = k_cur.float(), v_cur.float()
+            k32, v32 = k_cur.to(acc), v_cur.to(acc)
             s = _masked_scores(q32, k32, None if chunks is None else chunks[src], scale)
             p = torch.exp(s - lse[..., None])
             dv_acc = dv_acc + torch.matmul(p.transpose(-1, -2), do32)

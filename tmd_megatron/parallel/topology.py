@@ -183,6 +183,12 @@ def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeou
         if size < 1:
             raise ValueError(f"{name}={size} must be >= 1")
     env = dist_env(environ)
+    world = dist.get_world_size() if dist.is_initialized() else env.world_size
+    if world % (tp * cp * pp):
+        raise ValueError(
+            f"world size {world} is not divisible by tp*cp*pp = {tp}*{cp}*{pp}; "
+            f"launch a multiple of {tp * cp * pp} processes or change the layout"
+        )
     device, backend = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -193,12 +199,6 @@ def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeou
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
-        )
-    world = dist.get_world_size()
-    if world % (tp * cp * pp):
-        raise ValueError(
-            f"world size {world} is not divisible by tp*cp*pp = {tp}*{cp}*{pp}; "
-            f"launch a multiple of {tp * cp * pp} processes or change the layout"
         )
     from megatron.core import parallel_state as ps
 

@@ -127,10 +127,11 @@ def run_layout(case: dict) -> dict:
     latent = case.get("latent", LATENT)
     dtype = case.get("dtype", torch.float32)
     ref = reference(latent, dtype)
-    d = ref["data"]
     topo = init_topology(tp, cp, pp, timeout_s=120)
+    d = {k: v.to(topo.device) for k, v in ref["data"].items()}
     dp = topo.dp.size
-    model = parallelize(CFG, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype)
+    model = parallelize(CFG, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
+                        backend=case.get("backend", "torch"))
     model.activation_checkpointing = ac
     zero = ZeroAdamW(model, topo, weight_decay=WEIGHT_DECAY, no_decay=NO_DECAY, **ADAM[dtype])
 
@@ -165,27 +166,28 @@ def run_layout(case: dict) -> dict:
     with count_comm() as c_step:
         zero.step()
     after = gather_full_state(model, topo)
+    cpu = {"device": "cpu"}
 
     errors, worst = {}, {}
     span = model.stage
-    local_loss = torch.zeros((), dtype=torch.float64)
+    local_loss = torch.zeros((), dtype=torch.float64, device=topo.device)
     if span.last:
-        out = torch.cat([o[0] for o in res.outputs])
+        out = torch.cat([o[0] for o in res.outputs]).to(**cpu)
         errors["output"] = rel_err(out, ref["out"][lo : lo + b_local])
         local_loss += sum(out_term(o[0].double(), d["probe"][s].double()) for o, s in zip(res.outputs, sl)) / b_local
     if any(v is not None for v in res.losses) != bool(hidden64):
         raise AssertionError("the engine did not report the stage's local losses")
-    local_loss += sum(hidden64.values())
+    local_loss = local_loss.to(topo.device) + sum(hidden64.values())
     # every tp/cp rank holds the same values; dp ranks hold local means
-    loss = comm.all_reduce(local_loss.reshape(1), topo.world) / (tp * cp * dp)
+    loss = (comm.all_reduce(local_loss.reshape(1), topo.world) / (tp * cp * dp)).to(**cpu)
     errors["loss"] = rel_err(loss, ref["loss"].reshape(1))
     if span.first:
-        x_grad = torch.cat([g[0] for g in res.input_grads]) / dp
+        x_grad = torch.cat([g[0] for g in res.input_grads]).to(**cpu) / dp
         errors["input_grad"] = rel_err(x_grad, ref["x_grad"][lo : lo + b_local])
     split = tp_split_dims(model)
-    full = {n: comm.all_gather(g, topo.tp, split[n]) if n in split else g for n, g in reduced.items()}
+    full = {n: (comm.all_gather(g, topo.tp, split[n]) if n in split else g).to(**cpu) for n, g in reduced.items()}
     errors["grads_per_tensor"], errors["grads"], worst["grads"] = rel_errs(full, {n: ref["grads"][n] for n in full})
-    errors["grad_norm"] = rel_err(norm, ref["norm"])
+    errors["grad_norm"] = rel_err(norm.to(**cpu), ref["norm"])
     if set(after) != set(ref["after"]):
         raise AssertionError("gathered state dict names differ from the single-process model's")
     errors["params_per_tensor"], errors["params_after_step"], worst["params"] = rel_errs(after, ref["after"])

@@ -312,7 +312,31 @@ def draw_noise() -> dict:
     return out
 
 
+def replicated_module_errors() -> dict:
+    """A module every CP rank computes identically (a discriminator on merged features): with `replicated`,
+    ZeroAdamW averages its gradient over CP instead of summing it. Error with and without the flag."""
+    topo = init_topology(cp=2, timeout_s=120)
+    feats = torch.randn(topo.dp.size, 5, 8, generator=torch.Generator().manual_seed(9))
+
+    def disc():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 1)
+
+    ref = disc()
+    sum(ref(f).square().mean() for f in feats).div(topo.dp.size).backward()  # mean over the DP samples
+    out = {}
+    for flagged in (True, False):
+        model = disc()
+        model(feats[topo.dp.rank]).square().mean().backward()
+        zero = ZeroAdamW(model, topo, replicated=[n for n, _ in model.named_parameters()] if flagged else ())
+        zero.reduce_grads()
+        reduced = zero.reduced_grads()
+        out[flagged] = max(rel_err(reduced[n], p.grad) for n, p in ref.named_parameters())
+    return out
+
+
 def run_suite_with_noise(cases: dict) -> dict:
     out = run_suite(cases)
     out["noise"] = draw_noise()
+    out["replicated"] = replicated_module_errors()
     return out

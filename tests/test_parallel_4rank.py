@@ -39,3 +39,9 @@ def test_noise_same_within_sample_different_across_dp(results, layout):
     for group in by_dp.values():
         assert all(n == group[0] for n in group)  # identical on the TP/CP ranks of one sample
     assert by_dp[0][0] != by_dp[1][0]  # different across data-parallel ranks
+
+
+def test_replicated_module_gradient_is_averaged_over_cp(results):
+    for r in results:
+        assert r["replicated"][True] < 1e-6  # flagged: equals the DP mean
+        assert r["replicated"][False] > 0.5  # unflagged: summed over the 2 CP ranks, twice too large

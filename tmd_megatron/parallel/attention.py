@@ -142,8 +142,8 @@ class UlyssesAttention(nn.Module):
                 f"Ulysses context parallelism needs the local head count ({heads}) divisible by cp={n}; "
                 "use cp_comm='ring' or change tp/cp"
             )
-        qkv = torch.stack([q.to(v.dtype), k.to(v.dtype), v])  # [3, B, Lc, H, d]
-        x = qkv.unflatten(3, (n, heads // n)).permute(3, 0, 1, 2, 4, 5)  # [cp (head group), 3, B, Lc, H/cp, d]
+        # one copy straight into the send layout [cp (head group), 3, B, Lc, H/cp, d]
+        x = torch.stack([t.to(v.dtype).unflatten(2, (n, heads // n)).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 1)
         x = _AllToAll.apply(x, self.group)  # [cp (token chunk), 3, B, Lc, H/cp, d]
         x = x.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [3, B, L, H/cp, d]
         o = self.core(x[0], x[1], x[2], key_valid)  # [B, L, H/cp, d]

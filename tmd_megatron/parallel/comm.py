@@ -2,7 +2,7 @@
 
 All parallel code calls the functions here (never torch.distributed directly), so `count_comm()` records
 each call by (operation, group name). Byte conventions (docs/parallel.md, "Communication"):
-  all_reduce, broadcast: the tensor; all_gather: the gathered (full) output; reduce_scatter: the full input;
+  all_reduce: the tensor; all_gather: the gathered (full) output; reduce_scatter: the full input;
   all_to_all: the input; send / recv: each tensor sent / received by this rank.
 Groups of size 1 do nothing and record nothing.
 """
@@ -129,13 +129,6 @@ def all_to_all(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     _record("all_to_all", group, src)
     dist.all_to_all_single(out, src, group=group._pg())
     return out
-
-
-def broadcast(tensor: torch.Tensor, group: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
-    if group.size > 1:
-        _record("broadcast", group, tensor)
-        dist.broadcast(tensor, src=group.ranks[src_group_rank], group=group._pg())
-    return tensor
 
 
 def all_gather_object(obj, group: CommGroup) -> list:

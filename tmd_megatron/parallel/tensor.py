@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tmd_megatron.models.wan.layers import RMSNormAcrossHeads, SDPAttention
+from tmd_megatron.models.wan.layers import RMSNormAcrossHeads
 
 from . import comm
+from .attention import make_local_attention, make_self_attention
 from .comm import CommGroup
 
 
@@ -143,9 +144,6 @@ class InputRegion:
         self._last = (x, x._version, torch.is_grad_enabled(), mode, out)
         return out
 
-    def clear(self) -> None:
-        self._last = None
-
 
 def _init_linear(weight: nn.Parameter, bias: nn.Parameter | None, fan_in: int) -> None:
     """nn.Linear's default init with the full layer's fan-in (shards keep the single-device distribution)."""
@@ -222,14 +220,11 @@ class TorchParallelLayers:
     name = "torch"
 
     def __init__(self, topo, sequence_parallel: bool = True, cp_comm: str = "ring", attention: str = "sdpa"):
-        from .attention import make_self_attention
-
         self.topo = topo
         self.sequence_parallel = bool(sequence_parallel and topo.tp.size > 1)
         self.cp_comm = cp_comm
         self.attention = attention
         self.region = InputRegion(topo.tp)
-        self._self_attention = lambda: make_self_attention(topo.cp, cp_comm, attention)
 
     def linear_in(self, in_features: int, out_features: int, *, token_input: bool = True) -> nn.Module:
         if self.sequence_parallel:
@@ -245,9 +240,7 @@ class TorchParallelLayers:
         return TPRMSNormAcrossHeads(dim, eps, self.topo.tp)
 
     def self_attention(self) -> nn.Module:
-        return self._self_attention()
+        return make_self_attention(self.topo.cp, self.cp_comm, self.attention)
 
     def cross_attention(self) -> nn.Module:
-        from .attention import make_local_attention
-
-        return make_local_attention(self.attention) if self.attention != "sdpa" else SDPAttention()
+        return make_local_attention(self.attention)

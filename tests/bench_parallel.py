@@ -37,15 +37,15 @@ def _schedule_rank(schedule: str, m: int, width: int, depth: int) -> dict:
     boundary = [TensorSpec((256, width))]
     grads = [(torch.ones(256, width),) for _ in range(m)]
     idles = []
-    for _ in range(3):  # the first run warms up
+    for _ in range(6):  # the first run warms up
         res = run_pipeline(stage, topo.pp, m, boundary=boundary, inputs=x if topo.pp.rank == 0 else None,
                            output_grads=grads, schedule=schedule)
         idles.append(res.idle_fraction)
-    return dict(stage=topo.pp.rank, idle=statistics.mean(idles[1:]))
+    return dict(stage=topo.pp.rank, idle=statistics.median(idles[1:]))
 
 
 def bench_schedule():
-    print("| schedule | p | m | measured idle (stage 0 / 1) | (p-1)/(m+p-1) |\n|---|---|---|---|---|")
+    print("| schedule | p | m | measured idle, median of 5 (stage 0 / 1) | (p-1)/(m+p-1) |\n|---|---|---|---|---|")
     for schedule in ("1f1b", "gpipe"):
         for m in (1, 2, 4, 8, 16):
             r = run_ranks(_schedule_rank, 2, schedule, m, 512, 6, timeout=600)

@@ -68,10 +68,14 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0, launcher: str = "to
     port = free_port()
     while launcher == "slurm" and not 10000 <= port < 60000:  # SLURM's port is derived from the job id
         port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, results, args, max(1.0, timeout - 5), launcher), daemon=True) for r in range(world)]
+    dump_after = max(1.0, timeout - 5)
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world, port, results, args, dump_after, launcher), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
-    out, deadline = {}, time.monotonic() + timeout
+    out, deadline, finished = {}, time.monotonic() + timeout, False
     try:
         while len(out) < world:
             try:
@@ -81,11 +85,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0, launcher: str = "to
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
+        finished = True
     finally:
         for p in procs:
-            p.join(timeout=5)
-        for p in procs:
+            if finished:  # ranks exit right after reporting; a failed run's ranks may be stuck in a collective
+                p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+            p.join(timeout=5)
     return [out[r] for r in range(world)]

@@ -2,6 +2,7 @@
 sharding plans, configuration errors, and that every transfer goes through comm.py."""
 import ast
 import copy
+import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -275,3 +276,11 @@ def test_zero_adamw_equals_adamw_with_clipping_and_resumes():
         o.step()
     for a, b in zip(ours.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="Transformer Engine present")
+def test_te_backend_without_transformer_engine_names_the_fix():
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        parallelize(TINY, Topology.single(), {}, backend="te")
+    with pytest.raises(RuntimeError, match="use backend='torch'"):
+        WanModel(TINY, backend="te")

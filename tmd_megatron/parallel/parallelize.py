@@ -72,8 +72,10 @@ def make_backend(topo: Topology, backend: str, sequence_parallel: bool, cp_comm:
     if backend == "torch":
         return TorchParallelLayers(topo, sequence_parallel, cp_comm, attention)
     if backend == "te":
-        from .te_backend import TELayers
-
+        try:
+            from .te_backend import TELayers
+        except ImportError as err:
+            raise RuntimeError(f"backend 'te' needs Transformer Engine and CUDA ({err}); use backend='torch'") from err
         return TELayers(topo, sequence_parallel, cp_comm)
     raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'te'")
 

@@ -36,15 +36,16 @@ class _TELinear(te.Linear):
 class TEAttention(nn.Module):
     """te.DotProductAttention on [B, L, heads, d]; built at first use, when the local head count is known."""
 
-    def __init__(self, topo: Topology | None = None, cp_comm: str = "ring"):
+    def __init__(self, topo: Topology | None = None, cp_comm: str = "ring", attention_type: str = "self"):
         super().__init__()
-        self.topo, self.cp_comm = topo, cp_comm
+        self.topo, self.cp_comm, self.attention_type = topo, cp_comm, attention_type
         self.__dict__["_cores"] = {}  # not submodules: they hold no weights and must not enter the state dict
 
     def _core(self, heads: int, head_dim: int):
         key = (heads, head_dim)
         if key not in self._cores:
-            kwargs = dict(qkv_format="bshd", attention_dropout=0.0)
+            kwargs = dict(qkv_format="bshd", attention_dropout=0.0, attn_mask_type="no_mask",
+                          attention_type=self.attention_type)
             if self.topo is not None and self.topo.cp.size > 1:
                 kwargs.update(
                     cp_group=self.topo.cp.pg,
@@ -67,9 +68,9 @@ class TEAttention(nn.Module):
                     "backend 'te' cannot mask padded tokens under context parallelism; choose a latent size whose "
                     "token count divides cp*tp, or backend 'torch'"
                 )
-            # TE masks where the mask is True
+            # self-attention padding mask [B, 1, 1, S], True where masked; padded queries are discarded later
             mask = (~key_valid)[None, None, None, :].expand(b, 1, 1, -1)
-            out = core(q, k, v, attention_mask=(torch.zeros_like(mask), mask), attn_mask_type="padding")
+            out = core(q, k, v, attention_mask=mask, attn_mask_type="padding")
         return out.view(b, length, heads, d)
 
 
@@ -84,22 +85,25 @@ class TELayers:
         self.sequence_parallel = bool(sequence_parallel and self.tp > 1)
         self.cp_comm = cp_comm
 
-    def _tp_kwargs(self, mode: str, sp: bool) -> dict:
-        if self.tp == 1:
-            return {}
-        return dict(tp_group=self.topo.tp.pg, tp_size=self.tp, parallel_mode=mode, sequence_parallel=sp)
+    def _kwargs(self, mode: str | None = None) -> dict:
+        # parallelize builds on the meta device; TE would otherwise allocate on CUDA
+        kwargs = dict(bias=True, device="meta" if torch.get_default_device().type == "meta" else "cuda")
+        if self.tp > 1 and mode is not None:
+            kwargs.update(tp_group=self.topo.tp.pg, tp_size=self.tp, parallel_mode=mode,
+                          sequence_parallel=self.sequence_parallel)
+        return kwargs
 
     def linear_in(self, in_features: int, out_features: int, *, token_input: bool = True) -> nn.Module:
         if self.sequence_parallel and not token_input:
             # replicated text under SP: local shard, no communication, partial gradient (as the torch backend)
-            lin = te.Linear(in_features, out_features // self.tp, bias=True)
+            lin = te.Linear(in_features, out_features // self.tp, **self._kwargs())
         else:
-            lin = _TELinear(in_features, out_features, bias=True, **self._tp_kwargs("column", self.sequence_parallel))
+            lin = _TELinear(in_features, out_features, **self._kwargs("column"))
         lin.tp_split = {"weight": 0, "bias": 0} if self.tp > 1 else {}
         return lin
 
     def linear_out(self, in_features: int, out_features: int) -> nn.Module:
-        lin = _TELinear(in_features, out_features, bias=True, **self._tp_kwargs("row", self.sequence_parallel))
+        lin = _TELinear(in_features, out_features, **self._kwargs("row"))
         lin.tp_split = {"weight": 1} if self.tp > 1 else {}
         return lin
 
@@ -110,7 +114,7 @@ class TELayers:
         return TEAttention(self.topo, self.cp_comm)
 
     def cross_attention(self) -> nn.Module:
-        return TEAttention(None)
+        return TEAttention(None, attention_type="cross")
 
 
 register_backend("te", TELayers)

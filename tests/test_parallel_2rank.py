@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from multirank import run_ranks
-from parallel_cases import failures, run_suite, with_fp64_ac
+from parallel_cases import failures, run_suite_with_frozen_teacher, with_fp64_ac
 
 pytestmark = pytest.mark.multirank
 
@@ -31,7 +31,7 @@ CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **SABOTAGE}
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(run_suite, 2, CASES, True, timeout=420, launcher="slurm")
+    return run_ranks(run_suite_with_frozen_teacher, 2, CASES, timeout=420, launcher="slurm")
 
 
 @pytest.mark.parametrize("name", [k for k in CASES if k not in SABOTAGE])
@@ -93,3 +93,16 @@ def test_engine_forward_only_keeps_no_graph(results):
         e = r["engine"]["forward_only"]
         assert e["no_graph"] and e["max_in_flight"] == 0
         assert e.get("out_err", 0.0) < 1e-6
+
+
+def test_gan_gradient_through_frozen_wan_teacher(results):
+    """PP2 Wan teacher, frozen: a loss on block 1's features (stage 0), no output gradient; the latent's
+    gradient equals one process's and arrives on the last stage; only token gradients travel back."""
+    for r in results:
+        f = r["frozen_teacher"]
+        assert f["params_without_grad"]
+        if f["stage"] == 1:
+            assert f["x_grad_err"] < 1e-5
+            assert f["pp_sends"] == 2  # microbatch token gradients (conditioning declared without gradients)
+        else:
+            assert f["pp_sends"] == 2 * 4  # activations: 4 tensors per microbatch

@@ -109,7 +109,9 @@ class RingAttention(nn.Module):
 
     def forward(self, q, k, v, key_valid=None):
         q, k = q.to(v.dtype), k.to(v.dtype)
-        out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_valid, self.group)
+        # the chunk math accumulates in fp32 on purpose: autocast must not turn its matmuls into bf16
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_valid, self.group)
         return out.transpose(1, 2)
 
 

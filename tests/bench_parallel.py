@@ -156,7 +156,7 @@ def bench_ulysses():
         print(f"| {impl} | {r['time'] * 1e3:.0f} / {r['cpu'] * 1e3:.0f} ms | {calls} | max diff to ours {same:.1e} |")
 
 
-# ---- layout matrix ------------------------------------------------------------------------------------------------------
+# ---- layout matrix ---------------------------------------------------------------------------------------------------
 def bench_matrix():
     import test_parallel_2rank as t2
     import test_parallel_4rank as t4

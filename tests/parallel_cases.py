@@ -296,7 +296,9 @@ def failures(per_rank: list, name: str) -> list[str]:
             if got != expected:
                 problems.append(f"rank {res['rank']}: {phase} communication {got} != analytic {expected}")
         if res["c10d_events"] != res["counted_calls"]:
-            problems.append(f"rank {res['rank']}: profiler saw {res['c10d_events']} c10d ops, counter {res['counted_calls']}")
+            problems.append(
+                f"rank {res['rank']}: profiler saw {res['c10d_events']} c10d ops, counter {res['counted_calls']}"
+            )
     return problems
 
 

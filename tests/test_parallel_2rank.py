@@ -1,7 +1,6 @@
 """Two gloo ranks, launched with SLURM variables: every 2-rank layout against one process, the comm
 accounting, negative controls, and the pipeline engine on a generic stage function. One spawn."""
 import pytest
-import torch
 
 from multirank import run_ranks
 from parallel_cases import failures, run_suite_with_frozen_teacher, with_fp64_ac

@@ -28,9 +28,9 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 class _RingAttention(torch.autograd.Function):
-    """Exact softmax attention over K/V chunks passed around the CP ring; fp32 accumulation.
+    """Exact softmax attention over K/V chunks passed around the CP ring (math in fp32, fp64 for fp64 inputs).
 
-    Math in fp32, or fp64 for fp64 inputs. Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
+    Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
     the probabilities chunk by chunk from the saved log-sum-exp (as flash attention does) while dK/dV
     accumulators travel with their K/V chunk and arrive home after cp hops.
     """

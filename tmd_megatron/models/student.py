@@ -148,6 +148,7 @@ class DecoupledStudent(nn.Module):
         else:
             self.fusion = ConcatFusion(wan, config.concat_noise_std)
         self.delta_time_embedding = time_embedding_like(wan, zero_output=True)
+        self.head_patch_embedding = None  # set by the pipeline builder when the flow head is on another stage
         if config.head_time == "outer":
             self.inner_time_embedding = time_embedding_like(wan, zero_output=True)
 
@@ -170,11 +171,11 @@ class DecoupledStudent(nn.Module):
             sinus = timestep_sinusoid(1000.0 * t_B, self.wan.config.freq_dim)
             return module(sinus.to(torch.promote_types(torch.float32, ref.dtype)))
 
-    def flow_head_time(self, s: torch.Tensor, r: torch.Tensor, features: BackboneFeatures):
-        """(e, e0) conditioning the flow head's fusion, blocks and output head (App. A.1)."""
+    def flow_head_time(self, s: torch.Tensor, r: torch.Tensor, e_t: torch.Tensor):
+        """(e, e0) conditioning the flow head's fusion, blocks and output head (App. A.1); e_t = emb(t)."""
         delta = self._embed(s - r, self.delta_time_embedding)
         if self.config.head_time == "outer":
-            e = features.e_t + self._embed(s, self.inner_time_embedding) + delta
+            e = e_t + self._embed(s, self.inner_time_embedding) + delta
         else:
             e = self._embed(s, self.wan.time_embedding) + delta
         with fp32_region(e.device):
@@ -191,17 +192,29 @@ class DecoupledStudent(nn.Module):
         m, _ = wan.run_blocks(tokens, ctx, e0, geom, 0, self.split)
         return BackboneFeatures(m=m, context=ctx, geom=geom, e_t=e, x_t=x_t, t=t)
 
+    def patch_tokens(self, y_s: torch.Tensor) -> torch.Tensor:
+        """y_s through the shared patch embedding (App. A.1), sharded like the video tokens.
+
+        Under pipeline parallelism the flow head lives on the last stage and `head_patch_embedding` is a copy
+        of the first stage's patch embedding whose gradients are summed with the original's (tied weights).
+        """
+        conv = self.head_patch_embedding if self.head_patch_embedding is not None else self.wan.patch_embedding
+        return self.wan.layout.split(conv(y_s).flatten(2).transpose(1, 2))
+
     def fuse(self, y_s: torch.Tensor, e0: torch.Tensor, features: BackboneFeatures) -> torch.Tensor:
         """Patch-embed y_s with the shared patch embedding (App. A.1) and fuse it into m."""
-        p, _ = self.wan.embed_tokens(y_s)
-        return self.fusion(features.m, p, e0)
+        return self.fusion(features.m, self.patch_tokens(y_s), e0)
 
-    def flow_head(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, features: BackboneFeatures):
-        """head_θ(y_s, s, r; m) [B, C, F, H, W]: fusion, blocks[L−H : L] and the output head (fp32)."""
-        e, e0 = self.flow_head_time(s, r, features)
+    def flow_head_given(self, y_s: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, features: BackboneFeatures):
+        """The flow head for conditioning (e, e0) computed by `flow_head_time`: fusion, blocks, output head."""
         z = self.fuse(y_s, e0, features)
         z, _ = self.wan.run_blocks(z, features.context, e0, features.geom, self.split, self.wan.config.num_layers)
         return self.wan.head_out(z, e, features.geom)
+
+    def flow_head(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, features: BackboneFeatures) -> torch.Tensor:
+        """head_θ(y_s, s, r; m) [B, C, F, H, W]: fusion, blocks[L−H : L] and the output head (fp32)."""
+        e, e0 = self.flow_head_time(s, r, features.e_t)
+        return self.flow_head_given(y_s, e, e0, features)
 
     def extra_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith("wan.")]

@@ -141,70 +141,97 @@ def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple]) -> WanConf
         raise CheckpointError(str(err)) from err
 
 
+class WanCheckpoint:
+    """A validated checkpoint directory read lazily: `config`, and a mapping of original-format keys to
+    tensors that reads one tensor at a time (so each pipeline/tensor-parallel rank reads only its share).
+
+    Every header is checked on opening: names and shapes against the config the files describe.
+    """
+
+    def __init__(self, path, backend="torch", check_finite: bool = True):
+        self.dir = ckpt_dir = _resolve_dir(Path(path))
+        cfg_path = ckpt_dir / "config.json"
+        try:
+            cfg_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({err})") from err
+        files, weight_map = _weight_files(ckpt_dir)
+        where = _read_headers(files, weight_map)
+        self.prefix = strip_prefix(list(where))
+        where = {k[len(self.prefix):]: v for k, v in where.items()}
+        fmt = {"WanModel": "original", "WanTransformer3DModel": "diffusers"}.get(cfg_json.get("_class_name"))
+        self.format = fmt = fmt or detect_format(where)
+        self.check_finite = check_finite
+
+        if fmt == "diffusers":
+            self.where = {}
+            for k, (f, shape) in where.items():
+                try:
+                    self.where[diffusers_to_original(k)] = (k, f, shape)
+                except KeyError:
+                    self.where[k] = (k, f, shape)  # reported as unexpected below
+        else:
+            self.where = {k: (k, f, shape) for k, (f, shape) in where.items()}
+        self.config = _infer_config(cfg_json, fmt, {k: v[2] for k, v in self.where.items()})
+
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in WanModel(self.config, backend=backend).state_dict().items()}
+        missing = sorted(set(expected) - set(self.where))
+        unexpected = sorted(self.where[k][0] for k in set(self.where) - set(expected))
+        wrong = sorted(
+            f"{self.where[k][0]} {self.where[k][2]} (expected {expected[k]})"
+            for k in set(expected) & set(self.where) if self.where[k][2] != expected[k]
+        )
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            if unexpected:
+                parts.append(f"unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+            if wrong:
+                parts.append(f"mis-shaped tensors {wrong[:10]}")
+            raise CheckpointError(f"{ckpt_dir} ({fmt} format) does not match the Wan config it describes: " + "; ".join(parts))
+
+    def keys(self):
+        return self.where.keys()
+
+    def __contains__(self, key) -> bool:
+        return key in self.where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read([key])[key]
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """Tensors for original-format keys, grouped by file; NaN/Inf payloads are refused."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k][1], []).append(k)
+        out = {}
+        for f, names in by_file.items():
+            try:
+                with safe_open(f, framework="pt", device="cpu") as h:
+                    for k in names:
+                        t = h.get_tensor(self.prefix + self.where[k][0])
+                        if self.check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+                            raise CheckpointError(f"tensor {self.where[k][0]!r} in {f.name} holds NaN or Inf: corrupt file")
+                        out[k] = t
+            except CheckpointError:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"cannot read tensors from {f}: the file is truncated or corrupt ({err})") from err
+        return out
+
+
 def load_wan(path, dtype: torch.dtype | None = torch.float32, device="cpu", backend="torch", check_finite=True) -> WanModel:
     """A WanModel from a directory in either format, single-file or sharded; the format is detected.
 
-    dtype=None keeps the stored dtype; the default fp32 matches the original's master weights.
+    dtype=None keeps the stored dtype; the default fp32 matches the original's master weights. Every tensor is
+    read and checked before the model is filled, so a bad file never leaves a half-loaded model.
     """
-    ckpt_dir = _resolve_dir(Path(path))
-    cfg_path = ckpt_dir / "config.json"
-    try:
-        cfg_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({err})") from err
-    files, weight_map = _weight_files(ckpt_dir)
-    where = _read_headers(files, weight_map)
-    prefix = strip_prefix(list(where))
-    where = {k[len(prefix):]: v for k, v in where.items()}
-    fmt = {"WanModel": "original", "WanTransformer3DModel": "diffusers"}.get(cfg_json.get("_class_name"))
-    fmt = fmt or detect_format(where)
-
-    if fmt == "diffusers":
-        orig_where = {}
-        for k, (f, s) in where.items():
-            try:
-                orig_where[diffusers_to_original(k)] = (k, f, s)
-            except KeyError:
-                orig_where[k] = (k, f, s)  # reported as unexpected below
-    else:
-        orig_where = {k: (k, f, s) for k, (f, s) in where.items()}
-    cfg = _infer_config(cfg_json, fmt, {k: v[2] for k, v in orig_where.items()})
-
+    ckpt = WanCheckpoint(path, backend=backend, check_finite=check_finite)
+    state = {k: t.to(device=device, dtype=dtype or t.dtype) for k, t in ckpt.read(list(ckpt.keys())).items()}
     with torch.device("meta"):
-        model = WanModel(cfg, backend=backend)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(orig_where))
-    unexpected = sorted(orig_where[k][0] for k in set(orig_where) - set(expected))
-    wrong = sorted(
-        f"{orig_where[k][0]} {orig_where[k][2]} (expected {expected[k]})"
-        for k in set(expected) & set(orig_where) if orig_where[k][2] != expected[k]
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if wrong:
-            parts.append(f"mis-shaped tensors {wrong[:10]}")
-        raise CheckpointError(f"{ckpt_dir} ({fmt} format) does not match the Wan config it describes: " + "; ".join(parts))
-
-    state = {}
-    by_file: dict[Path, list[str]] = {}
-    for k, (stored, f, _) in orig_where.items():
-        by_file.setdefault(f, []).append(k)
-    for f, keys in by_file.items():
-        try:
-            with safe_open(f, framework="pt", device="cpu") as h:
-                for k in keys:
-                    t = h.get_tensor(prefix + orig_where[k][0])
-                    if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
-                        raise CheckpointError(f"tensor {orig_where[k][0]!r} in {f.name} holds NaN or Inf: corrupt file")
-                    state[k] = t.to(device=device, dtype=dtype or t.dtype)
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(f"cannot read tensors from {f}: the file is truncated or corrupt ({err})") from err
+        model = WanModel(ckpt.config, backend=backend)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

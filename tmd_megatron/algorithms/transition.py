@@ -116,18 +116,22 @@ def rollout_output(
     raise ValueError(f"unknown rollout form {form!r}; choose one of {ROLLOUT_FORMS}")
 
 
-def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor) -> torch.Tensor:
+def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor, head=None) -> torch.Tensor:
     """INNERFLOW(m) of Algorithm 1: y = y_1, then y ← f_θ(y, s_j, s_{j−1}; m) for j = N..1; returns ŷ.
 
     Differentiable (stage 2 back-propagates through all N steps, Sec. 3.2); call under no_grad to sample.
+    head(y, k, s, r) -> head output of inner step k = 0..N−1 (default: student.flow_head(y, s, r, features));
+    the pipelined trainer passes one that uses conditioning computed on the first stage.
     """
     target, sign = student.config.target, student.config.flow_map_sign
     batch = y1.shape[0]
+    if head is None:
+        def head(y_in, k, s_in, r_in):
+            return student.flow_head(y_in, s_in, r_in, features)
     y = y1
-    for j in range(len(inner_grid) - 1, 0, -1):
+    for k, j in enumerate(range(len(inner_grid) - 1, 0, -1)):
         s = inner_grid[j].expand(batch).to(y1.device)
         r = inner_grid[j - 1].expand(batch).to(y1.device)
-        head = student.flow_head(y, s, r, features)
-        u = average_velocity(head, y_s=y, y1=y1, s=s, x_t=features.x_t, t=features.t, target=target)
+        u = average_velocity(head(y, k, s, r), y_s=y, y1=y1, s=s, x_t=features.x_t, t=features.t, target=target)
         y = flow_map_step(y, s, r, u, sign)
     return y

@@ -74,10 +74,13 @@ class ZeroAdamW:
         weight_decay: float = 0.0,
         no_decay: Iterable[str] = (),
         replicated: Iterable[str] = (),
+        skip: Iterable[str] = (),
     ):
+        """skip: parameters this optimizer leaves alone (e.g. a tied copy whose owner it updates)."""
         self.topo = topo
         self.group = topo.dp_cp
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        skip = set(skip)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in skip]
         self.tp_partial = tp_partial_names(model) - set(replicated)
         self.replicated = set(replicated)
         split = tp_split_dims(model)

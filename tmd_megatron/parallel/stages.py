@@ -89,17 +89,19 @@ class WanStage:
         self.conditioning_grads = conditioning_grads
         self._geometry = None
 
-    def boundary(self, dtype: torch.dtype | None = None) -> list[TensorSpec]:
+    def boundary(self, dtype: torch.dtype | None = None, context_dtype: torch.dtype | None = None) -> list[TensorSpec]:
         """What travels between stages for one microbatch (same on every boundary). dtype: of the residual
-        stream (default: the parameters'); e and e0 are at least fp32 like the time embedding."""
+        stream (default: the parameters'); context_dtype: of the embedded text (the autocast dtype under
+        autocast, else dtype); e and e0 are at least fp32 like the time embedding."""
         cfg, b = self.model.config, self.batch
         dtype = dtype or next(self.model.parameters()).dtype
+        context_dtype = context_dtype or dtype
         cond_dtype = torch.promote_types(dtype, torch.float32)
         local = self.model.layout.local_len(math.prod(self.grid))
         cond = self.conditioning_grads
         return [
             TensorSpec((b, local, cfg.dim), dtype),
-            TensorSpec((b, cfg.text_len, cfg.dim), dtype, cond),
+            TensorSpec((b, cfg.text_len, cfg.dim), context_dtype, cond),
             TensorSpec((b, cfg.dim), cond_dtype, cond),
             TensorSpec((b, 6, cfg.dim), cond_dtype, cond),
         ]

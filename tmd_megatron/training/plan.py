@@ -296,3 +296,65 @@ def communication(cfg: WanConfig, lay: Layout, work: Workload) -> list[tuple[str
         out.append(("pipeline p2p (per model fwd+bwd)",
                     samples * 2 * tokens * cfg.dim * 4 / (lay.tp if lay.sequence_parallel else 1) / GiB))
     return out
+
+
+# ---- recipes ------------------------------------------------------------------------------------------------
+def layout_of(res, world: int) -> Layout:
+    p, d = res.raw.parallel, res.raw.data
+    dp = max(1, world // (p.tp * p.cp * p.pp)) if world % (p.tp * p.cp * p.pp) == 0 else 1
+    local = d.global_batch // dp if d.global_batch % dp == 0 else d.global_batch
+    micro = max(1, local // p.microbatches) if local % p.microbatches == 0 else 1
+    return Layout(world=world, tp=p.tp, cp=p.cp, pp=p.pp, sequence_parallel=p.sequence_parallel, cp_mode=p.cp_comm,
+                  micro_batch=micro, microbatches=p.microbatches, zero1=p.zero1,
+                  activation_checkpointing=p.activation_checkpointing)
+
+
+def workload_of(res) -> Workload:
+    method = res.method
+    dmd = res.dmd2v
+    steps = res.tm_mf or dmd
+    disc_layers = tuple(dmd.disc_layers) if dmd is not None and dmd.gan_weight > 0 else ()
+    return Workload(
+        method=method,
+        outer_steps=steps.outer_steps if steps else 1,
+        inner_steps=steps.inner_steps if steps else 1,
+        head_blocks=res.student.flow_head_blocks if res.student else 0,
+        latent=tuple(res.raw.data.latent),
+        global_batch=res.raw.data.global_batch,
+        disc_layers=disc_layers,
+        compute_dtype=res.raw.model.compute_dtype,
+    )
+
+
+def check_recipe(res, world: int, device_memory_gib: float | None = None) -> list[str]:
+    """Everything that would stop this recipe on `world` processes, each naming its fix."""
+    problems = check(res.wan, layout_of(res, world), workload_of(res), device_memory_gib)
+    r = res.raw
+    if r.model.backend == "te":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("model.backend=te needs CUDA and Transformer Engine: use model.backend=torch on this machine")
+    if r.model.compute_dtype == "bf16" and r.run.device == "cpu":
+        problems.append("model.compute_dtype=bf16 is the GPU policy; on CPU use model.compute_dtype=fp32")
+    if r.data.loader not in ("torch", "dali"):
+        problems.append(f"data.loader={r.data.loader!r}: use 'torch' or 'dali'")
+    if r.data.source == "shards" and not r.data.shards:
+        problems.append("data.source=shards needs data.shards=<directory or glob of .tar shards>")
+    if res.lr is None or res.lr <= 0:
+        problems.append(f"learning rate {res.lr} must be positive: set optim.lr")
+    if r.optim.grad_clip < 0:
+        problems.append(f"optim.grad_clip={r.optim.grad_clip} must be >= 0 (0 disables clipping)")
+    if not 0 <= r.optim.ema_decay < 1:
+        problems.append(f"optim.ema_decay={r.optim.ema_decay} must be in [0, 1) (0 disables the EMA)")
+    if r.run.ckpt_every < 0 or r.run.log_every < 1:
+        problems.append("run.ckpt_every must be >= 0 and run.log_every >= 1")
+    if res.tm_mf is not None and res.tm_mf.jvp == "exact" and r.parallel.pp > 1:
+        problems.append("method.tm_mf.jvp=exact needs parallel.pp=1: use the finite difference (jvp=fd)")
+    if r.parallel.schedule not in ("1f1b", "gpipe"):
+        problems.append(f"parallel.schedule={r.parallel.schedule!r}: use '1f1b' or 'gpipe'")
+    if r.method.name == "tmd" and r.model.init is None:
+        problems.append("method=tmd (stage 2) starts from the stage-1 student: set model.init=<stage-1 out_dir>/export")
+    if r.method.name != "flow_matching" and r.model.teacher is None:
+        problems.append(f"method={r.method.name} needs a teacher checkpoint: set model.teacher=<dir>")
+    return problems

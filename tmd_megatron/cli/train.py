@@ -1,0 +1,52 @@
+"""tmd-train: train with a recipe, e.g. `tmd-train experiment=tiny_teacher run.out_dir=runs/t` (hydra overrides).
+
+Launch one process per device with torchrun or srun; the layout comes from the recipe's parallel.* and the
+world size. Exit codes: 0 done, 75 preempted (checkpoint written; requeue and the run resumes), 2 bad recipe.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def run(overrides: list[str], stream=None) -> int:
+    from tmd_megatron.parallel import destroy_topology, init_topology
+    from tmd_megatron.training.checkpoint import ResumeError
+    from tmd_megatron.training.config import RecipeError, compose, resolve
+    from tmd_megatron.training.plan import check_recipe
+    from tmd_megatron.training.trainer import REQUEUE_EXIT, Preempted, Trainer
+
+    try:
+        res = resolve(compose(overrides))
+        p = res.raw.parallel
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        problems = check_recipe(res, world)
+        if problems:
+            raise RecipeError("the recipe cannot run:\n  - " + "\n  - ".join(problems))
+        topo = init_topology(p.tp, p.cp, p.pp)
+    except (RecipeError, ValueError) as err:
+        print(f"tmd-train: {err}", file=sys.stderr)
+        return 2
+    code = 0
+    try:
+        Trainer(res, topo, stream=stream).fit()
+    except Preempted as stop:
+        if topo.world.rank == 0:
+            print(f"tmd-train: {stop}; exiting {REQUEUE_EXIT} so the job is requeued", file=sys.stderr)
+        code = REQUEUE_EXIT
+    except (RecipeError, ResumeError) as err:
+        print(f"tmd-train: {err}", file=sys.stderr)
+        code = 2
+    destroy_topology()
+    return code
+
+
+def main() -> int:
+    return run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    # os._exit skips interpreter teardown, which can abort gloo after destroy_process_group (STACK_ON_CPU.md).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(main())

@@ -1,0 +1,226 @@
+"""The models one rank holds for a recipe on a topology: the trained model, the frozen teacher, the critics.
+
+All roles share one pipeline stage layout, so each rank holds the same block range of each. The split
+balances cost with the TMD flow-head blocks counted N times and keeps the whole flow head on the last stage
+(its inner loop then never crosses ranks). Under pipeline parallelism the last stage also holds a copy of
+the patch embedding (the flow head embeds y_s with it), tied to the first stage's by summing gradients.
+Every role is built from full (single-device) state dicts that are read lazily and sliced per rank, and
+every freshly initialised tensor is drawn on one device from the run seed, so all layouts start equal.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tmd_megatron.models.discriminator import Discriminator
+from tmd_megatron.models.student import DecoupledStudent
+from tmd_megatron.models.wan import WanConfig, WanModel
+from tmd_megatron.models.wan.checkpoint import WanCheckpoint
+from tmd_megatron.parallel import Topology, build_stage_model, partition_blocks, student_block_costs
+from tmd_megatron.parallel.sharding import load_full_state
+
+from .config import RecipeError, Resolved
+
+FP32_MODULES = ("time_embedding", "time_projection", "head")  # the original runs these in fp32 (WAN_SPEC §2.7)
+
+
+class Prefixed(Mapping):
+    """A view of a state mapping with every key prefixed (the student's Wan weights live under `wan.`)."""
+
+    def __init__(self, inner: Mapping, prefix: str, extra: Mapping | None = None):
+        self.inner, self.prefix, self.extra = inner, prefix, dict(extra or {})
+
+    def __getitem__(self, key):
+        if key in self.extra:
+            return self.extra[key]
+        if key.startswith(self.prefix):
+            return self.inner[key[len(self.prefix):]]
+        raise KeyError(key)
+
+    def __iter__(self):
+        yield from (self.prefix + k for k in self.inner.keys())
+        yield from self.extra
+
+    def __len__(self):
+        return len(self.inner) + len(self.extra)
+
+    def __contains__(self, key):
+        return key in self.extra or (key.startswith(self.prefix) and key[len(self.prefix):] in self.inner)
+
+
+def stage_ranges(res: Resolved, pp: int) -> list[tuple[int, int]]:
+    cfg = res.wan
+    decoupled = res.student is not None
+    head = res.student.flow_head_blocks if decoupled else 0
+    # TMD runs the head N times per step; TM-MF about twice (the step plus the finite-difference evaluations).
+    repeats = res.dmd2v.inner_steps if res.method == "tmd" else 2
+    ranges = partition_blocks(student_block_costs(cfg.num_layers, head, repeats if decoupled else 1), pp,
+                              embed_cost=0.5, head_cost=0.25)
+    split = cfg.num_layers - head
+    if decoupled and pp > 1 and ranges[-1][0] > split:
+        if split < pp - 1:
+            raise RecipeError(
+                f"the flow head ({head} blocks) must sit on the last of {pp} stages, leaving {split} backbone blocks "
+                f"for {pp - 1} stages: lower parallel.pp or distill.head_blocks"
+            )
+        ranges = partition_blocks([1.0] * split, pp - 1, embed_cost=0.5) + [(split, cfg.num_layers)]
+    return ranges
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in `dtype` except the fp32 regions (time embedding/projection, head) and norm gains."""
+    if dtype == torch.float32:
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv3d)) and not name.startswith(FP32_MODULES):
+            mod.to(dtype)
+
+
+@dataclass
+class Roles:
+    topo: Topology
+    ranges: list[tuple[int, int]]
+    student: nn.Module  # WanModel stage, or DecoupledStudent around one
+    teacher: WanModel | None
+    fake: WanModel | None
+    disc: Discriminator | None  # heads for the discriminator layers on this stage
+    disc_layers: tuple[int, ...]  # all of them (the GAN losses average over every head)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        out = {"student": self.student}
+        if self.fake is not None:
+            out["fake"] = self.fake
+        if self.disc is not None:
+            out["disc"] = self.disc
+        return out
+
+
+def teacher_state(res: Resolved):
+    """The teacher's full weights as a lazy mapping, and its config (which must match the recipe's model)."""
+    path = res.raw.model.teacher
+    if path is None:
+        return None
+    ckpt = WanCheckpoint(path)
+    if ckpt.config != res.wan:
+        diff = {f: (getattr(ckpt.config, f), getattr(res.wan, f)) for f in ckpt.config.__dataclass_fields__
+                if getattr(ckpt.config, f) != getattr(res.wan, f)}
+        raise RecipeError(f"the teacher checkpoint {path} does not match model.preset={res.raw.model.preset!r}: "
+                          f"{diff} (checkpoint, recipe); fix model.preset/model.overrides or model.teacher")
+    return ckpt
+
+
+def fresh_wan_state(cfg: WanConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A randomly initialised Wan (the original init scheme), drawn on CPU from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanModel(cfg)
+        model.init_weights()
+    return model.state_dict()
+
+
+def student_extras(cfg: WanConfig, student_cfg, seed: int) -> dict[str, torch.Tensor]:
+    """The decoupled student's new tensors (fusion, s and s−r time embeddings), drawn on CPU from `seed`."""
+    with torch.device("meta"):
+        wan = WanModel(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = DecoupledStudent(wan, student_cfg)
+    return {k: v for k, v in student.state_dict().items() if not k.startswith("wan.")}
+
+
+def read_student_init(path, res: Resolved) -> Mapping:
+    """model.init: a Wan checkpoint, or a TMD student export (Wan weights + extras) for a decoupled student."""
+    from .export import read_student_export
+
+    if res.student is not None:
+        return read_student_export(path, res.wan, res.student)
+    return WanCheckpoint(path)
+
+
+def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping, frozen_dtype=None):
+    p = res.raw.parallel
+    model = build_stage_model(cfg, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
+                              attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
+    model.to_empty(device=topo.device)
+    load_full_state(model, full, topo)
+    model.activation_checkpointing = p.activation_checkpointing
+    if frozen_dtype is not None:
+        model.requires_grad_(False)
+        cast_frozen(model, frozen_dtype)
+    return model
+
+
+def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping) -> DecoupledStudent:
+    """full: the student's single-device state (`wan.*` keys plus the extras)."""
+    p = res.raw.parallel
+    wan = build_stage_model(res.wan, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
+                            attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
+    tied = {}
+    with torch.device("meta"):
+        student = DecoupledStudent(wan, res.student)
+        span = wan.stage
+        if not span.first:
+            student.delta_time_embedding = None
+            if res.student.head_time == "outer":
+                student.inner_time_embedding = None
+        if not span.last:
+            student.fusion = None
+        elif not span.first:
+            cfg = res.wan
+            student.head_patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+            tied = {f"head_patch_embedding.{k}": full[f"wan.patch_embedding.{k}"] for k in ("weight", "bias")}
+    student.to_empty(device=topo.device)
+    load_full_state(student, Prefixed(full, "", tied), topo)
+    wan.activation_checkpointing = p.activation_checkpointing
+    return student
+
+
+def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = None,
+                student_full: Mapping | None = None) -> Roles:
+    """teacher_full / student_full override model.teacher / model.init (tests pass in-memory state dicts)."""
+    method, seed = res.method, res.raw.run.seed
+    ranges = stage_ranges(res, topo.pp.size)
+    if teacher_full is None:
+        teacher_full = teacher_state(res)
+    if method != "flow_matching" and teacher_full is None:
+        raise RecipeError(f"method {method!r} needs a teacher: set model.teacher=<Wan checkpoint dir>")
+    if student_full is None and res.raw.model.init is not None:
+        student_full = read_student_init(res.raw.model.init, res)
+    if method == "tmd" and student_full is None:
+        raise RecipeError("TMD stage 2 starts from the stage-1 student: run method=tm_mf first and set "
+                          "model.init=<its out_dir>/export")
+
+    frozen = {"bf16": torch.bfloat16, "fp32": torch.float32}[res.raw.model.teacher_dtype]
+    teacher = _build_wan(res.wan, topo, res, ranges, teacher_full, frozen) if teacher_full is not None else None
+
+    if res.student is not None:
+        if student_full is None:  # stage 1 starts from the teacher plus fresh extras
+            student_full = Prefixed(teacher_full, "wan.", student_extras(res.wan, res.student, seed))
+        student = _build_student(res, topo, ranges, student_full)
+    else:
+        source = student_full if student_full is not None else (
+            teacher_full if method != "flow_matching" else fresh_wan_state(res.wan, seed))
+        student = _build_wan(res.wan, topo, res, ranges, source)
+
+    fake = disc = None
+    layers: tuple[int, ...] = ()
+    if method in ("dmd2v", "tmd"):
+        fake = _build_wan(res.wan, topo, res, ranges, teacher_full)
+        cfg = res.dmd2v
+        layers = tuple(cfg.disc_layers)
+        if cfg.gan_weight > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                full_disc = Discriminator(res.wan.dim, layers, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+            start, end = ranges[topo.pp.rank]
+            local = tuple(i for i in layers if start <= i < end)
+            if local:
+                disc = Discriminator(res.wan.dim, local, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+                disc.load_state_dict({k: v for k, v in full_disc.state_dict().items()
+                                      if k.split(".")[1] in {str(i) for i in local}})
+                disc.to(topo.device)
+    return Roles(topo, ranges, student, teacher, fake, disc, layers)
+

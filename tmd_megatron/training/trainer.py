@@ -1,0 +1,343 @@
+"""The training loop: one recipe, one layout, any method; resumable to the bit on CPU.
+
+Per step: this DP rank's batch (split into microbatches) -> the method's program (training/programs.py) ->
+tied-weight sync -> gradient reduction, clipping and the ZeRO-1 step of each role that updates this step ->
+EMA -> metrics (reduced to rank 0) -> non-finite guard -> checkpoint on schedule or on SIGUSR1/SIGTERM.
+Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-resume picks up `latest`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from tmd_megatron.algorithms.timesteps import is_student_step
+from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state, transfer
+
+from . import checkpoint as ckpt
+from .config import RecipeError, Resolved
+from .metrics import MetricLogger
+from .optim import EMA, NonFiniteGuard, lr_factor
+from .passes import Passes
+from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_mf_step
+from .roles import Roles, build_roles
+from .state import TIED, ZeroState, device_mesh, ema_state, module_state
+
+REQUEUE_EXIT = 75
+NO_DECAY = ("bias", "norm", "modulation", "gate_logit")
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the CLI exits with REQUEUE_EXIT."""
+
+
+@dataclass
+class Data:
+    loader: object
+    negative: torch.Tensor
+
+
+def _autocast_dtype(res: Resolved):
+    return {"fp32": None, "bf16": torch.bfloat16}[res.raw.model.compute_dtype]
+
+
+def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
+    from tmd_megatron.data import make_loader
+
+    d = res.raw.data
+    dp = topo.dp.size
+    if d.global_batch % dp:
+        raise RecipeError(f"data.global_batch={d.global_batch} is not divisible by the {dp} data-parallel ranks")
+    local = d.global_batch // dp
+    if local % res.raw.parallel.microbatches:
+        raise RecipeError(f"the per-rank batch {local} is not divisible by parallel.microbatches="
+                          f"{res.raw.parallel.microbatches}")
+    if d.source == "synthetic":
+        from tmd_megatron.data.synthetic import SyntheticTask
+
+        syn = dict(d.synthetic)
+        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim)
+        shard_dir = Path(res.raw.run.out_dir) / "data"
+        if topo.world.rank == 0:
+            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0))
+        if dist.is_initialized():
+            dist.barrier()
+        shards, negative = shard_dir, task.encode_text("")
+    elif d.source == "shards":
+        shards = d.shards
+        negative = None
+    else:
+        raise RecipeError(f"data.source={d.source!r}; choose 'synthetic' or 'shards'")
+    if d.negative != "zeros" and d.source == "shards":
+        negative = torch.load(d.negative, map_location="cpu")
+    if negative is None:
+        negative = torch.zeros(1, res.wan.text_dim)
+    loader = make_loader(shards, local, topo.dp.rank, dp, res.raw.run.seed, d.loader, start=start,
+                         text_len=res.wan.text_len, on_corrupt=d.on_corrupt)
+    return Data(loader, negative.float())
+
+
+class Trainer:
+    def __init__(self, res: Resolved, topo: Topology, roles: Roles | None = None, stream=None):
+        self.res, self.topo = res, topo
+        run = res.raw.run
+        self.out = Path(run.out_dir)
+        self.roles = roles or build_roles(res, topo)
+        self.passes = Passes(topo, res.raw.parallel.microbatches, res.raw.parallel.schedule, _autocast_dtype(res))
+        o = res.raw.optim
+        lrs = {"student": res.lr, "fake": res.lr_fake, "disc": res.lr_disc}
+        self.optims = {}
+        for role, module in self.roles.trainable().items():
+            replicated = [n for n, _ in module.named_parameters()] if role == "disc" else ()
+            skip = [n for n, _ in module.named_parameters() if n.startswith(TIED)]
+            self.optims[role] = ZeroAdamW(module, topo, lr=lrs[role], betas=tuple(o.betas), eps=o.eps,
+                                          weight_decay=o.weight_decay, no_decay=NO_DECAY, replicated=replicated,
+                                          skip=skip)
+        self.base_lr = lrs
+        self.ema = EMA(self.roles.student, o.ema_decay) if o.ema_decay > 0 else None
+        self.guard = NonFiniteGuard(run.max_skipped_steps)
+        self.step = 0
+        self.mesh = device_mesh(topo)
+        self.stop_signal = False
+        self.logger = MetricLogger(self.out, res.max_steps, enabled=topo.world.rank == 0,
+                                   tensorboard=run.tensorboard, wandb_project=run.wandb_project,
+                                   config=OmegaConf.to_container(OmegaConf.structured(res.raw)), stream=stream)
+        self.data = None
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def _zero(self):
+        return {role: ZeroState(opt, self.roles.trainable()[role], self.mesh) for role, opt in self.optims.items()}
+
+    def state(self, for_load: bool = False) -> dict:
+        roles = self.roles.trainable()
+        zs = self._zero()
+        st = {"models": {r: module_state(m, self.mesh) for r, m in roles.items()},
+              "optim": {r: (z.empty() if for_load else z.gather()) for r, z in zs.items()},
+              "trainer": {"step": torch.tensor(self.step), "skipped": torch.tensor(self.guard.skipped)}}
+        if self.ema is not None:
+            st["ema"] = ema_state(self.ema, self.roles.student, self.mesh)
+        return st, zs
+
+    def save(self) -> Path:
+        state, _ = self.state()
+        positions = comm.all_gather_object(self.data.loader.position(), self.topo.world) if self.data else []
+        meta = {"layout": {"dp": self.topo.dp.size, "tp": self.topo.tp.size, "cp": self.topo.cp.size,
+                           "pp": self.topo.pp.size},
+                "loader": {str(self.topo_dp_of(r)): p for r, p in enumerate(positions)},
+                "recipe": OmegaConf.to_container(OmegaConf.structured(self.res.raw)),
+                "method": self.res.method}
+        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, state, meta, self.res.raw.run.keep_last)
+
+    def topo_dp_of(self, world_rank: int) -> int:
+        t, c, d = self.topo.tp.size, self.topo.cp.size, self.topo.dp.size
+        return world_rank // (t * c) % d
+
+    def load(self, path) -> dict:
+        meta = ckpt.read_meta(path)
+        if meta.get("method") != self.res.method:
+            raise ckpt.ResumeError(f"{path} was written by method {meta.get('method')!r}, this run is "
+                                   f"{self.res.method!r}: use another run.out_dir or run.resume=never")
+        state, zs = self.state(for_load=True)
+        meta = ckpt.load_checkpoint(path, state)
+        for role, z in zs.items():
+            z.scatter(state["optim"][role])
+        self.step = int(state["trainer"]["step"])
+        self.guard.skipped = int(state["trainer"]["skipped"])
+        if self.ema is not None:
+            for n, t in state["ema"].items():
+                self.ema.shadow[n].copy_(t.to_local() if hasattr(t, "to_local") else t)
+        self._retie_weights()
+        return meta
+
+    # ---- tied patch embedding (flow head on the last stage) -----------------------------------------------------
+    def _tied_pair(self):
+        student = self.roles.student
+        if self.topo.pp.size == 1 or self.res.student is None:
+            return None
+        first = student.wan.patch_embedding if self.topo.is_first_stage else None
+        last = student.head_patch_embedding if self.topo.is_last_stage else None
+        return first, last
+
+    def _retie_weights(self) -> None:
+        pair = self._tied_pair()
+        if pair is None:
+            return
+        first, last = pair
+        shapes = [p for p in (first or last or self._placeholder_conv()).parameters()]
+        got = transfer([p.data for p in shapes] if first is not None else [torch.empty_like(p) for p in shapes],
+                       self.topo.pp, 0, self.topo.pp.size - 1)
+        if last is not None:
+            with torch.no_grad():
+                for p, v in zip(last.parameters(), got):
+                    p.copy_(v)
+
+    def _placeholder_conv(self):
+        cfg = self.res.wan
+        return torch.nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size, device=self.topo.device)
+
+    def _sum_tied_grads(self) -> None:
+        """The copy's gradient joins the patch embedding's on the first stage (one parameter, two uses)."""
+        pair = self._tied_pair()
+        if pair is None:
+            return
+        first, last = pair
+        shapes = list((first or last or self._placeholder_conv()).parameters())
+        grads = [p.grad if (last is not None and p.grad is not None) else torch.zeros_like(p) for p in shapes]
+        got = transfer(grads, self.topo.pp, self.topo.pp.size - 1, 0)
+        if first is not None:
+            for p, g in zip(first.parameters(), got):
+                p.grad = g.clone() if p.grad is None else p.grad + g
+        if last is not None:
+            for p in last.parameters():
+                p.grad = None
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def micro_batches(self, batch: dict) -> list[Micro]:
+        m = self.res.raw.parallel.microbatches
+        dev = self.topo.device
+        x, ctx, idx = batch["latent"].float(), batch["context"].float(), batch["index"]
+        noise = batch.get("noise")
+        out = []
+        for i in range(m):
+            sl = slice(i * x.shape[0] // m, (i + 1) * x.shape[0] // m)
+            out.append(Micro(x[sl].to(dev), ctx[sl].to(dev), idx[sl],
+                             None if noise is None else noise[sl].float().to(dev)))
+        return out
+
+    def updates_this_step(self) -> list[str]:
+        if self.res.dmd2v is None:
+            return ["student"]
+        roles = ["fake"] + (["disc"] if "disc" in self.optims else [])
+        if is_student_step(self.step, self.res.dmd2v.student_every):
+            roles.insert(0, "student")
+        return roles
+
+    def train_step(self, batch: dict) -> dict:
+        for opt in self.optims.values():
+            opt.zero_grad()
+        s = Step(self.res, self.roles, self.passes, self.micro_batches(batch), self.data_negative, self.step)
+        updates = self.updates_this_step()
+        method = self.res.method
+        if method == "flow_matching":
+            flow_matching_step(s)
+        elif method == "tm_mf":
+            tm_mf_step(s)
+        elif method == "kd":
+            kd_step(s)
+        else:
+            stage2_step(s, generator="student" in updates)
+        self._sum_tied_grads()
+        metrics = self._reduce_metrics(s.metrics)
+        norms = {}
+        for role in updates:
+            opt = self.optims[role]
+            opt.reduce_grads()
+            clip = self.res.raw.optim.grad_clip
+            norms[role] = opt.clip_grad_norm(clip) if clip > 0 else opt.grad_norm()
+        finite = all(math.isfinite(v) for v in metrics.values()) and all(math.isfinite(float(n)) for n in norms.values())
+        if not finite:
+            self.guard.record_skip(self.step)
+            metrics["skipped"] = 1.0
+        else:
+            o = self.res.raw.optim
+            factor = lr_factor(self.step, o.warmup_steps, self.res.max_steps, o.schedule)
+            for role in updates:
+                opt = self.optims[role]
+                for g in opt.optimizer.param_groups:
+                    g["lr"] = self.base_lr[role] * factor
+                opt.step()
+            if "student" in updates:
+                self._retie_weights()
+                if self.ema is not None:
+                    self.ema.update(self.roles.student)
+        for role, n in norms.items():
+            metrics[f"grad_norm/{role}"] = float(n)
+        return metrics
+
+    def _reduce_metrics(self, local: dict) -> dict:
+        """Each metric is a sum of stage-local parts; average over DP, count TP/CP replicas once."""
+        names = sorted(local)
+        if dist.is_initialized():
+            names = sorted(set().union(*comm.all_gather_object(names, self.topo.world)))
+        vec = torch.tensor([float(local.get(n, 0.0)) for n in names], dtype=torch.float64, device=self.topo.device)
+        vec = comm.all_reduce(vec, self.topo.world)
+        replicas = self.topo.dp.size * self.topo.tp.size * self.topo.cp.size
+        return {n: float(v) / replicas for n, v in zip(names, vec.tolist())}
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.stop_signal = True
+
+    def _stop_requested(self) -> bool:
+        """Every rank stops at the same step if any rank got the signal."""
+        flag = torch.tensor(1.0 if self.stop_signal else 0.0, device=self.topo.device)
+        return bool(comm.all_reduce(flag, self.topo.world).item() > 0)
+
+    def fit(self) -> int:
+        run = self.res.raw.run
+        start = None
+        path = None if run.resume == "never" else ckpt.resolve_checkpoint(self.out / "checkpoints",
+                                                                          "latest" if run.resume == "auto" else run.resume)
+        if path is not None:
+            meta = self.load(path)
+            lay = meta["layout"]
+            if lay["dp"] != self.topo.dp.size:
+                raise ckpt.ResumeError(
+                    f"{path} was saved with {lay['dp']} data-parallel ranks, this run has {self.topo.dp.size}: the data "
+                    "order depends on the DP size; resume with the same number of DP replicas (TP/CP/PP may change)")
+            start = meta["loader"].get(str(self.topo.dp.rank))
+            if self.topo.world.rank == 0:
+                print(f"resumed from {path} at step {self.step}", flush=True)
+        self.data = make_data(self.res, self.topo, start)
+        self.data_negative = self.data.negative.to(self.topo.device)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        it = iter(self.data.loader)
+        t0 = time.monotonic()
+        while self.step < self.res.max_steps:
+            batch = next(it)
+            metrics = self.train_step(batch)
+            self.step += 1
+            if self.step % run.log_every == 0 or self.step == self.res.max_steps:
+                metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
+                self.logger.log(self.step, metrics)
+                t0 = time.monotonic()
+            if self._stop_requested():
+                self.save()
+                raise Preempted(f"stopped by a signal at step {self.step}; checkpoint written")
+            if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < self.res.max_steps:
+                self.save()
+        self.save()
+        self.export()
+        self.logger.close()
+        return 0
+
+    def export(self) -> Path:
+        """The trained student (EMA weights if enabled) as a single-device checkpoint in <out_dir>/export."""
+        from .export import write_export
+
+        module = self.roles.student
+        if self.ema is not None:
+            backup = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.ema.shadow}
+            self.ema.copy_to(module)
+        full = gather_full_state(module, self.topo)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])
+        full = {k: v for k, v in full.items() if not k.startswith(TIED)}
+        out = self.out / "export"
+        if self.topo.world.rank == 0:
+            write_export(out, self.res.wan, full, self.res.student)
+            (self.out / "export_info.json").write_text(json.dumps({"step": self.step, "method": self.res.method}))
+        if dist.is_initialized():
+            dist.barrier()
+        return out

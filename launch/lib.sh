@@ -36,6 +36,10 @@ tmd_trainer_args() {
 }
 
 tmd_check_layout() {
+    local name
+    for name in TMD_TP TMD_CP TMD_PP; do
+        [[ ${!name} =~ ^[1-9][0-9]*$ ]] || tmd_die "$name=${!name}: must be a positive integer"
+    done
     local world=$1 model_parallel=$((TMD_TP * TMD_CP * TMD_PP))
     ((world % model_parallel == 0)) ||
         tmd_die "$world ranks do not divide into TP$TMD_TP x CP$TMD_CP x PP$TMD_PP = $model_parallel;" \
@@ -48,26 +52,23 @@ tmd_start_step() {
     local cmd=()
     read -r -a cmd <<<"$TMD_TRAIN_CMD"
     # --kill-on-bad-exit=0 overrides a cluster-wide KillOnBadExit: a rank that exits 75 first must not get
-    # the others killed while they finish the checkpoint. --cpus-per-task again: srun 22.05 does not
-    # inherit it from sbatch.
-    local srun_args=(--kill-on-bad-exit=0 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
-    local extra=()
+    # the others killed while they finish the checkpoint. --cpus-per-task is given explicitly: srun 22.05
+    # does not inherit it from sbatch.
+    local cpus=${SLURM_CPUS_PER_TASK:-1} extra=()
     read -r -a extra <<<"${TMD_SRUN_ARGS:-}" # e.g. pyxis: --container-image=... --container-mounts=...
-    case $TMD_LAUNCH_MODE in
-    srun) # one task per rank; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
-        # Ranks start with SIGUSR1 ignored (kept across exec) until the trainer installs its handler: a
-        # signal during start-up is then missed, not fatal, and tmd_on_signal repeats it.
+    if [[ $TMD_LAUNCH_MODE == srun ]]; then
+        # One task per rank; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. Ranks start with
+        # SIGUSR1 ignored (kept across exec) until the trainer installs its handler: a signal during
+        # start-up is then missed, not fatal, and tmd_on_signal repeats it.
         # shellcheck disable=SC2016 # $@ is expanded by the inner bash
-        srun "${srun_args[@]}" "${extra[@]}" --ntasks-per-node="$TMD_PROCS_PER_NODE" \
-            bash -c 'trap "" USR1; exec "$@"' tmd-rank "${cmd[@]}" "${TMD_ARGS[@]}" &
-        ;;
-    torchrun) # one torchrun per node with all of the node's CPUs; it starts the node's ranks
-        srun "${srun_args[@]}" "${extra[@]}" --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" \
-            --cpus-per-task=$((${SLURM_CPUS_PER_TASK:-1} * TMD_PROCS_PER_NODE)) \
+        srun --kill-on-bad-exit=0 --label --cpus-per-task="$cpus" --ntasks-per-node="$TMD_PROCS_PER_NODE" \
+            "${extra[@]}" bash -c 'trap "" USR1; exec "$@"' tmd-rank "${cmd[@]}" "${TMD_ARGS[@]}" &
+    else
+        # One torchrun per node, holding all of the node's CPUs; it starts the node's ranks.
+        srun --kill-on-bad-exit=0 --label --cpus-per-task=$((cpus * TMD_PROCS_PER_NODE)) \
+            --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" "${extra[@]}" \
             bash "$TMD_LAUNCH_DIR/torchrun_node.sh" "$TMD_PROCS_PER_NODE" "${cmd[@]}" "${TMD_ARGS[@]}" &
-        ;;
-    *) tmd_die "TMD_LAUNCH_MODE=$TMD_LAUNCH_MODE: use srun (one task per rank) or torchrun (one per node)" ;;
-    esac
+    fi
     TMD_STEP_PID=$!
 }
 
@@ -130,6 +131,8 @@ tmd_requeue() {
 
 tmd_main() {
     [[ -n ${SLURM_JOB_ID:-} ]] || tmd_die "run this through sbatch (or inside salloc); for one node without SLURM see smoke_8gpu.sh"
+    [[ $TMD_LAUNCH_MODE == srun || $TMD_LAUNCH_MODE == torchrun ]] ||
+        tmd_die "TMD_LAUNCH_MODE=$TMD_LAUNCH_MODE: use srun (one task per rank) or torchrun (one torchrun per node)"
     # (With TMD_SRUN_ARGS, e.g. a container image, the trainer may exist only where the ranks run.)
     [[ -n ${TMD_SRUN_ARGS:-} ]] || command -v "${TMD_TRAIN_CMD%% *}" >/dev/null ||
         tmd_die "trainer '${TMD_TRAIN_CMD%% *}' not found on PATH: activate the environment before sbatch," \

@@ -17,6 +17,9 @@ LAUNCH = REPO / "launch"
 STAND_IN_PATH = REPO / "tests" / "slurm" / "contract_trainer.py"
 TRAINER = os.environ.get("TMD_TEST_TRAINER", "stand-in")  # "stand-in" | "tmd-train"
 STAND_IN = TRAINER == "stand-in"
+# Hydra overrides the real trainer needs here, e.g. its checkpoint-every-step key (the signal tests wait
+# for a first checkpoint before signalling).
+REAL_TRAINER_OVERRIDES = os.environ.get("TMD_TEST_OVERRIDES", "")
 
 
 def launcher_env(run_dir: Path, max_steps: int, step_seconds: float = 0.0, **more: str) -> dict[str, str]:
@@ -29,6 +32,7 @@ def launcher_env(run_dir: Path, max_steps: int, step_seconds: float = 0.0, **mor
         "TMD_BACKEND": "torch",
         "TMD_RUN_DIR": str(run_dir),
         "TMD_MAX_STEPS": str(max_steps),
+        "TMD_OVERRIDES": "" if STAND_IN else REAL_TRAINER_OVERRIDES,
         "CONTRACT_STEP_S": str(step_seconds),  # read by the stand-in only: keeps a run long enough to signal
         "OMP_NUM_THREADS": "1",
     }

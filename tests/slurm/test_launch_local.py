@@ -37,10 +37,13 @@ def test_smoke_passes_on_8_gloo_processes(tmp_path):
         assert state["acc"].item() == expected_accumulator(3, 8)
 
 
-def test_smoke_refuses_a_layout_that_does_not_divide_the_ranks(tmp_path):
-    code, out = run_smoke(dict(launcher_env(tmp_path / "run", max_steps=3), TMD_DEVICE="cpu", TMD_NPROC="6"), 30)
-    assert code == 2
-    assert "6 ranks do not divide into TP2 x CP2 x PP2 = 8; change TMD_TP/TMD_CP/TMD_PP" in out, out
+@pytest.mark.parametrize("setting, message", [
+    ({"TMD_NPROC": "6"}, "6 ranks do not divide into TP2 x CP2 x PP2 = 8; change TMD_TP/TMD_CP/TMD_PP"),
+    ({"TMD_TP": "0"}, "TMD_TP=0: must be a positive integer"),
+])
+def test_smoke_refuses_a_bad_layout_before_starting(tmp_path, setting, message):
+    code, out = run_smoke(dict(launcher_env(tmp_path / "run", max_steps=3), TMD_DEVICE="cpu", **setting), 30)
+    assert code == 2 and message in out, out
     assert not (tmp_path / "run").exists()  # refused before a rank started
 
 

@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from tmd_megatron.training.checkpoint import read_meta, resolve_checkpoint
+import torch
+
+from tmd_megatron.training.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -49,6 +51,13 @@ def checkpoint_step(run_dir: Path) -> int | None:
 def expected_accumulator(steps: int, world: int) -> float:
     """The stand-in adds step * sum(rank + 1) per step: closed form after `steps` steps on `world` ranks."""
     return steps * (steps + 1) / 2 * world * (world + 1) / 2
+
+
+def stand_in_accumulator(run_dir: Path) -> float:
+    """The stand-in's accumulator as restored from the latest checkpoint."""
+    state = {"acc": torch.zeros(1, dtype=torch.float64), "step": torch.zeros((), dtype=torch.int64)}
+    load_checkpoint(resolve_checkpoint(Path(run_dir) / "checkpoints"), state)
+    return state["acc"].item()
 
 
 def steps_log(run_dir: Path) -> list[tuple[int, int]]:

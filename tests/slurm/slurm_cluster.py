@@ -9,7 +9,6 @@ its environment (sbatch exports the caller's environment; slurmd passes its own 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -212,22 +211,18 @@ class SlurmCluster:
             return {}
         return dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
 
-    def wait_state(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
-        return _wait_for(lambda: (j := self.job(job_id)) and j.get("JobState") in states and j, timeout,
-                         f"job {job_id} to reach {states} (now {self.job(job_id).get('JobState')})")
-
     def follow(self, job_id: int, timeout: float) -> list[tuple[str, str]]:
         """Distinct (JobState, Restarts) the job goes through until it ends; the last one is final."""
         seen: list[tuple[str, str]] = []
-
-        def ended():
+        deadline = time.monotonic() + timeout
+        while not seen or seen[-1][0] not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"job {job_id} did not end within {timeout:.0f} s; states seen: {seen}")
             j = self.job(job_id)
             now = (j.get("JobState", "?"), j.get("Restarts", "?"))
             if not seen or seen[-1] != now:
                 seen.append(now)
-            return now[0] in TERMINAL
-
-        _wait_for(ended, timeout, f"job {job_id} to end (seen {seen})")
+            time.sleep(0.2)
         return seen
 
     def logs(self) -> str:

@@ -8,7 +8,6 @@ import re
 import time
 
 import pytest
-import torch
 
 from launch_env import (
     LAUNCH,
@@ -16,9 +15,9 @@ from launch_env import (
     checkpoint_step,
     expected_accumulator,
     launcher_env,
+    stand_in_accumulator,
     steps_log,
 )
-from tmd_megatron.training.checkpoint import load_checkpoint, resolve_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -49,12 +48,6 @@ def wait_for_checkpoint(run_dir, slurm, job, timeout=90):
         assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), slurm.job(job)
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint in {run_dir} after {timeout} s")
-
-
-def stand_in_accumulator(run_dir) -> float:
-    state = {"acc": torch.zeros(1, dtype=torch.float64), "step": torch.zeros((), dtype=torch.int64)}
-    load_checkpoint(resolve_checkpoint(run_dir / "checkpoints"), state)
-    return state["acc"].item()
 
 
 def test_tmd_14b_completes_on_two_emulated_nodes(slurm, tmp_path):

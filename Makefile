@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo smoke clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ test: install
 
 demo: install
 	$(PY) -m tmd_megatron.demo
+
+# launch/smoke_8gpu.sh on 8 gloo CPU processes (torchrun --standalone, no SLURM); on a GPU node run the
+# script itself for NCCL + Transformer Engine.
+smoke: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" TMD_DEVICE=cpu bash launch/smoke_8gpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,47 @@
+#!/bin/bash
+# TMD distillation of Wan2.1-T2V-1.3B on 2 nodes x 8 H100 (80 GB): pure data parallel (DP16) with
+# ZeRO-1 optimizer sharding. Submit from any directory that has a logs/ subdirectory:
+#   mkdir -p logs && sbatch launch/tmd_1p3b.sh
+# Every TMD_* value below can be overridden at submission (VAR=value sbatch ...), and every #SBATCH
+# option on the sbatch command line (sbatch --nodes=4 launch/tmd_1p3b.sh). The job checkpoints and
+# requeues itself before its time limit and on preemption, and resumes from the run's latest checkpoint.
+#SBATCH --job-name=tmd-1p3b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+# What to train and where (run dir on the shared filesystem: every node writes its checkpoint shards there).
+: "${TMD_RECIPE:=wan1p3b_tmd_n4h5_m1}"
+: "${TMD_RUN_DIR:=$PWD/runs/${SLURM_JOB_NAME:-tmd-1p3b}}"
+: "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
+: "${TMD_TRAIN_CMD:=tmd-train}"
+# Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). The planner
+# estimates ~44 GiB per rank for DP16 (TP2 x DP8: ~23 GiB), see tmd_megatron/training/plan.py.
+: "${TMD_TP:=1}"
+: "${TMD_CP:=1}"
+: "${TMD_PP:=1}"
+: "${TMD_DEVICE:=}"                # empty: the recipe's (cuda); cpu selects gloo (tests)
+: "${TMD_BACKEND:=}"               # empty: the recipe's; te | torch
+: "${TMD_MAX_STEPS:=}"             # empty: the recipe's
+: "${TMD_LAUNCH_MODE:=srun}"       # srun: one task per rank | torchrun: one torchrun per node
+: "${TMD_MAX_REQUEUES:=30}"        # at 4 h per attempt: ~5 days of wall time before a human must look
+
+# sbatch runs a copy of this script from slurmd's spool; lib.sh lives next to the original.
+TMD_LAUNCH_DIR=${TMD_LAUNCH_DIR:-$(dirname "${BASH_SOURCE[0]}")}
+if [[ ! -f $TMD_LAUNCH_DIR/lib.sh ]]; then
+    TMD_LAUNCH_DIR=$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')")
+fi
+# shellcheck source=env.sh
+source "$TMD_LAUNCH_DIR/env.sh"
+# shellcheck source=lib.sh
+source "$TMD_LAUNCH_DIR/lib.sh"
+tmd_main

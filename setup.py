@@ -32,7 +32,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "tmd-train=tmd_megatron.cli.pending:train",
+            "tmd-train=tmd_megatron.cli.train:main",
             "tmd-sample=tmd_megatron.cli.pending:sample",
             "tmd-plan=tmd_megatron.cli.pending:plan",
             "tmd-convert=tmd_megatron.cli.convert:main",

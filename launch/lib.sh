@@ -27,7 +27,7 @@ tmd_trainer_args() {
         "parallel.cp=$TMD_CP"
         "parallel.pp=$TMD_PP"
     )
-    [[ -z ${TMD_DEVICE:-} ]] || TMD_ARGS+=("device=$TMD_DEVICE")
+    [[ -z ${TMD_DEVICE:-} ]] || TMD_ARGS+=("run.device=$TMD_DEVICE")
     [[ -z ${TMD_BACKEND:-} ]] || TMD_ARGS+=("model.backend=$TMD_BACKEND")
     [[ -z ${TMD_MAX_STEPS:-} ]] || TMD_ARGS+=("run.max_steps=$TMD_MAX_STEPS")
     local extra=()

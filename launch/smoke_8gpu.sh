@@ -14,7 +14,7 @@
 set -euo pipefail
 
 : "${TMD_DEVICE:=cuda}"            # cuda | cpu
-: "${TMD_RECIPE:=tiny_tmd}"
+: "${TMD_RECIPE:=tiny_smoke}"
 : "${TMD_MAX_STEPS:=3}"
 : "${TMD_TP:=2}"
 : "${TMD_CP:=2}"

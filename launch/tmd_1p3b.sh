@@ -20,7 +20,7 @@
 set -euo pipefail
 
 # What to train and where (run dir on the shared filesystem: every node writes its checkpoint shards there).
-: "${TMD_RECIPE:=wan1p3b_tmd_n4h5_m1}"
+: "${TMD_RECIPE:=wan1.3b_tmd_n4h5_m1}"
 : "${TMD_RUN_DIR:=$PWD/runs/${SLURM_JOB_NAME:-tmd-1p3b}}"
 : "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
 : "${TMD_TRAIN_CMD:=tmd-train}"

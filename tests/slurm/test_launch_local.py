@@ -1,12 +1,11 @@
 """The launchers without SLURM: launch/smoke_8gpu.sh on 8 CPU processes over gloo, TP2 x CP2 x PP2 (what
 `make smoke` runs), and the cluster launchers' refusal outside a SLURM job."""
 import os
-import re
 import subprocess
 
 import pytest
 
-from launch_env import LAUNCH, STAND_IN, checkpoint_step, expected_accumulator, launcher_env, stand_in_accumulator
+from launch_env import LAUNCH, checkpoint_step, launcher_env, logged_steps
 
 SMOKE = LAUNCH / "smoke_8gpu.sh"
 NO_SLURM = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -27,10 +26,7 @@ def test_smoke_passes_on_8_gloo_processes(tmp_path):
     assert "smoke: 8 ranks on cpu, TP2 x CP2 x PP2 x DP1, backend torch" in out, out
     assert "smoke passed: 3 steps on 8 ranks, checkpoint step 3" in out, out
     assert checkpoint_step(run_dir) == 3
-    if STAND_IN:  # every rank built its TP/CP/DP/PP groups and checked them against brute force
-        assert sorted(map(int, re.findall(r"rank (\d)/8 local \d node \S+ layout tp2 cp2 pp2 recipe tiny_tmd "
-                                          r"device cpu backend torch", out))) == list(range(8)), out
-        assert stand_in_accumulator(run_dir) == expected_accumulator(3, 8)
+    assert logged_steps(run_dir) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -10,6 +10,12 @@ import sys
 
 
 def run(overrides: list[str], stream=None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from tmd_megatron.parallel import destroy_topology, init_topology
     from tmd_megatron.training.checkpoint import ResumeError
     from tmd_megatron.training.config import RecipeError, compose, resolve
@@ -23,8 +29,8 @@ def run(overrides: list[str], stream=None) -> int:
         problems = check_recipe(res, world)
         if problems:
             raise RecipeError("the recipe cannot run:\n  - " + "\n  - ".join(problems))
-        topo = init_topology(p.tp, p.cp, p.pp)
-    except (RecipeError, ValueError) as err:
+        topo = init_topology(p.tp, p.cp, p.pp, device=res.raw.run.device)
+    except (RecipeError, ValueError, RuntimeError, HydraException, OmegaConfBaseException) as err:
         print(f"tmd-train: {err}", file=sys.stderr)
         return 2
     code = 0
@@ -41,12 +47,13 @@ def run(overrides: list[str], stream=None) -> int:
     return code
 
 
-def main() -> int:
-    return run(sys.argv[1:])
-
-
-if __name__ == "__main__":
+def main() -> None:
+    code = run(sys.argv[1:])
     # os._exit skips interpreter teardown, which can abort gloo after destroy_process_group (STACK_ON_CPU.md).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(main())
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

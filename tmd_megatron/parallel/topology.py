@@ -168,13 +168,19 @@ def _virtual_group(name, rank, tp, cp, dp, pp, axes) -> CommGroup:
     return CommGroup(name, tuple(ranks), ranks.index(rank), None)
 
 
-def default_device() -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
+def default_device(kind: str = "auto") -> tuple[torch.device, str]:
+    """cuda + NCCL when asked for or available ("auto"), else cpu + gloo."""
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={kind!r}; choose 'auto', 'cpu' or 'cuda'")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but CUDA is not available here; use device=cpu")
+    if kind != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))), "nccl"
     return torch.device("cpu"), "gloo"
 
 
-def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeout_s: float = 1800) -> Topology:
+def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeout_s: float = 1800,
+                  device: str = "auto") -> Topology:
     """Start torch.distributed from the environment (if not started) and build the DP x PP x CP x TP groups.
 
     May be called again with other sizes in the same processes: megatron's groups are rebuilt.
@@ -189,7 +195,7 @@ def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeou
             f"world size {world} is not divisible by tp*cp*pp = {tp}*{cp}*{pp}; "
             f"launch a multiple of {tp * cp * pp} processes or change the layout"
         )
-    device, backend = default_device()
+    device, backend = default_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -42,8 +42,8 @@ class RunSection:
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)  # WanConfig fields on top of the preset
-    teacher: Optional[str] = None  # teacher checkpoint dir (original or diffusers format)
-    init: Optional[str] = None  # initial weights of the trained model (e.g. the stage-1 student)
+    teacher: Optional[str] = None  # teacher checkpoint dir (either format); "random:<seed>" for smoke runs
+    init: Optional[str] = None  # initial weights of the trained model (e.g. the stage-1 export); "teacher"
     backend: str = "torch"  # torch | te
     compute_dtype: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
     teacher_dtype: str = "fp32"  # frozen teacher weights: bf16 halves its memory on GPU

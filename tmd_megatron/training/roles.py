@@ -103,6 +103,8 @@ def teacher_state(res: Resolved):
     path = res.raw.model.teacher
     if path is None:
         return None
+    if str(path).startswith("random:"):  # smoke runs: a seeded random teacher made on the spot
+        return fresh_wan_state(res.wan, int(str(path).split(":", 1)[1]), zero_head=False)
     ckpt = WanCheckpoint(path)
     if ckpt.config != res.wan:
         diff = {f: (getattr(ckpt.config, f), getattr(res.wan, f)) for f in ckpt.config.__dataclass_fields__
@@ -112,12 +114,17 @@ def teacher_state(res: Resolved):
     return ckpt
 
 
-def fresh_wan_state(cfg: WanConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A randomly initialised Wan (the original init scheme), drawn on CPU from `seed`."""
+def fresh_wan_state(cfg: WanConfig, seed: int, zero_head: bool = True) -> dict[str, torch.Tensor]:
+    """A randomly initialised Wan (the original init scheme), drawn on CPU from `seed`.
+
+    zero_head=False gives the output head small random weights, so a random *teacher* is not constant zero.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WanModel(cfg)
         model.init_weights()
+        if not zero_head:
+            torch.nn.init.normal_(model.head.head.weight, std=0.02)
     return model.state_dict()
 
 
@@ -187,7 +194,10 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
         teacher_full = teacher_state(res)
     if method != "flow_matching" and teacher_full is None:
         raise RecipeError(f"method {method!r} needs a teacher: set model.teacher=<Wan checkpoint dir>")
-    if student_full is None and res.raw.model.init is not None:
+    if student_full is None and res.raw.model.init == "teacher":  # smoke runs: skip stage 1
+        student_full = teacher_full if res.student is None else Prefixed(
+            teacher_full, "wan.", student_extras(res.wan, res.student, seed))
+    elif student_full is None and res.raw.model.init is not None:
         student_full = read_student_init(res.raw.model.init, res)
     if method == "tmd" and student_full is None:
         raise RecipeError("TMD stage 2 starts from the stage-1 student: run method=tm_mf first and set "

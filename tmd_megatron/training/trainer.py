@@ -261,6 +261,12 @@ class Trainer:
             metrics[f"grad_norm/{role}"] = float(n)
         return metrics
 
+    def advance(self) -> dict:
+        """One training step on the next batch."""
+        metrics = self.train_step(next(self.batches))
+        self.step += 1
+        return metrics
+
     def _reduce_metrics(self, local: dict) -> dict:
         """Each metric is a sum of stage-local parts; average over DP, count TP/CP replicas once."""
         names = sorted(local)
@@ -280,7 +286,8 @@ class Trainer:
         flag = torch.tensor(1.0 if self.stop_signal else 0.0, device=self.topo.device)
         return bool(comm.all_reduce(flag, self.topo.world).item() > 0)
 
-    def fit(self) -> int:
+    def start(self) -> None:
+        """Resume from the run's latest checkpoint (per run.resume) and open this DP rank's data stream."""
         run = self.res.raw.run
         start = None
         path = None if run.resume == "never" else ckpt.resolve_checkpoint(self.out / "checkpoints",
@@ -297,14 +304,16 @@ class Trainer:
                 print(f"resumed from {path} at step {self.step}", flush=True)
         self.data = make_data(self.res, self.topo, start)
         self.data_negative = self.data.negative.to(self.topo.device)
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.batches = iter(self.data.loader)
+
+    def fit(self) -> int:
+        run = self.res.raw.run
+        for sig in (signal.SIGUSR1, signal.SIGTERM):  # first: a signal while loading stops at the first step
             signal.signal(sig, self._on_signal)
-        it = iter(self.data.loader)
+        self.start()
         t0 = time.monotonic()
         while self.step < self.res.max_steps:
-            batch = next(it)
-            metrics = self.train_step(batch)
-            self.step += 1
+            metrics = self.advance()
             if self.step % run.log_every == 0 or self.step == self.res.max_steps:
                 metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
                 self.logger.log(self.step, metrics)

@@ -1,0 +1,79 @@
+"""Training steps of the real trainer under a parallel layout, reported as full (single-device) tensors.
+
+`run_case` runs on every rank of a spawned group (or in the test process for the single-process reference):
+it builds the recipe experiment=tiny_smoke with the case's method and layout, takes a few steps, and returns
+on rank 0 the reduced metrics of each step and the full state of every trained role.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+
+import torch
+
+from tmd_megatron.parallel import Topology, destroy_topology, gather_full_state, init_topology
+from tmd_megatron.training.config import compose, resolve
+from tmd_megatron.training.trainer import Trainer
+
+STEPS = 3
+# stage 1 from the teacher (+ fresh extras); stage 2 (TMD) from the teacher, the smoke recipe's shortcut
+METHODS = {"tm_mf": ["method=tm_mf"], "tmd": []}
+
+
+def run_case(method: str, layout: dict, out_dir: str | None = None) -> dict | None:
+    tp, cp, pp = layout.get("tp", 1), layout.get("cp", 1), layout.get("pp", 1)
+    out_dir = out_dir or tempfile.mkdtemp(prefix="tmd-layout-")
+    overrides = ["experiment=tiny_smoke", *METHODS[method], f"parallel.tp={tp}", f"parallel.cp={cp}",
+                 f"parallel.pp={pp}", f"parallel.cp_comm={layout.get('cp_comm', 'ring')}",
+                 f"parallel.sequence_parallel={layout.get('sp', True)}", f"run.out_dir={out_dir}",
+                 "run.resume=never", "run.tensorboard=false"]
+    res = resolve(compose(overrides))
+    topo = init_topology(tp, cp, pp, device="cpu") if layout.get("distributed", True) else Topology.single()
+    trainer = Trainer(res, topo, stream=io.StringIO())
+    trainer.start()
+    metrics = [trainer.advance() for _ in range(STEPS)]
+    full = {role: gather_full_state(module, topo) for role, module in trainer.roles.trainable().items()}
+    full = {role: {k: v for k, v in state.items() if not k.startswith("head_patch_embedding.")}
+            for role, state in full.items()}
+    return {"metrics": metrics, "full": full} if topo.world.rank == 0 else None
+
+
+def run_cases(cases: dict) -> dict:
+    """All cases on this rank, one after another (init_topology rebuilds the groups for each layout)."""
+    out = {name: run_case(method, layout) for name, (method, layout) in cases.items()}
+    destroy_topology()
+    return out
+
+
+def compare(case: dict, ref: dict, rtol: float = 1e-5) -> list[str]:
+    """Metrics within rtol of the reference's; each role's parameters within rtol of its largest entry."""
+    problems = []
+    for step, (a, b) in enumerate(zip(case["metrics"], ref["metrics"])):
+        for name, want in b.items():
+            if name.startswith("grad_norm") or name == "step_time_s":
+                continue
+            got = a.get(name)
+            if got is None or abs(got - want) > rtol * max(abs(want), 1e-6):
+                problems.append(f"step {step} {name}: {got} vs {want}")
+    for role, ref_state in ref["full"].items():
+        state = case["full"][role]
+        if state.keys() != ref_state.keys():
+            problems.append(f"{role}: tensors differ {sorted(set(state) ^ set(ref_state))[:5]}")
+            continue
+        scale = max(float(t.abs().max()) for t in ref_state.values())
+        worst = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state) / scale
+        if worst > rtol:
+            problems.append(f"{role}: parameters differ by {worst:.2e} of their largest entry")
+    return problems
+
+
+def max_param_error(case: dict, ref: dict) -> float:
+    errs = []
+    for role, ref_state in ref["full"].items():
+        scale = max(float(t.abs().max()) for t in ref_state.values())
+        errs.append(max(float((case["full"][role][k] - ref_state[k]).abs().max()) for k in ref_state) / scale)
+    return max(errs)
+
+
+def changed(state_a: dict, state_b: dict) -> bool:
+    return any(not torch.equal(state_a[k], state_b[k]) for k in state_a)

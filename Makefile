@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo smoke clean
+.PHONY: install test demo smoke bench bench-quality clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: install
 # script itself for NCCL + Transformer Engine.
 smoke: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" TMD_DEVICE=cpu bash launch/smoke_8gpu.sh
+
+# Performance ratios (docs/benchmarks.md, generated section): about 10 minutes on 2 CPU cores.
+bench: install
+	$(PY) -m tmd_megatron.bench.perf
+
+# The quality table (teacher, DMD2-v, TMD on the synthetic task, 3 seeds): under an hour on 2 CPU cores.
+bench-quality: install
+	$(PY) -m tmd_megatron.bench.quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache

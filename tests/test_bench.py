@@ -1,0 +1,118 @@
+"""Benchmarks (tmd_megatron/bench): the score and communication formulas against independent references, and a
+smoke run of each benchmark script so they cannot rot."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tmd_megatron.bench import comm_bound
+from tmd_megatron.bench.scores import RealReference, Scores, frechet_distance, score_clips
+from tmd_megatron.models.wan import WanConfig, WanModel
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    # Large samples of N(μ_a, diag a) and N(μ_b, diag b): FD → |μ_a − μ_b|² + Σ(√a − √b)².
+    g = torch.Generator().manual_seed(0)
+    a_var, b_var = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([2.0, 1.0, 0.25])
+    mu_a, mu_b = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([0.5, 1.0, 0.0])
+    a = mu_a + a_var.sqrt() * torch.randn(200_000, 3, generator=g, dtype=torch.float64)
+    b = mu_b + b_var.sqrt() * torch.randn(200_000, 3, generator=g, dtype=torch.float64)
+    expected = float((mu_a - mu_b).pow(2).sum() + (a_var.sqrt() - b_var.sqrt()).pow(2).sum())
+    assert frechet_distance(a, b) == pytest.approx(expected, abs=0.03)
+
+
+def test_frechet_distance_matches_eigenvalues_of_the_covariance_product():
+    # Independent route: tr (Σ_a Σ_b)^½ = Σ √λ_i(Σ_a Σ_b) (the product's eigenvalues are real and non-negative).
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 2
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    lam = torch.linalg.eigvals(ca @ cb).real.clamp_min(0)
+    mu = a.mean(0) - b.mean(0)
+    expected = float(mu @ mu + ca.trace() + cb.trace() - 2 * lam.sqrt().sum())
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_scores_by_hand():
+    s = Scores(quality=80.0, semantic=50.0, fd=1.0, per_attribute={})
+    assert s.overall == pytest.approx((4 * 80 + 50) / 5)
+
+    class Fixed(torch.nn.Module):  # "classifier" whose prediction and feature are read off the clip itself
+        def predict(self, clips):
+            return clips[:, 0, 0, 0, :4].long(), clips[:, 0, 0, 0, 4:].double()
+
+    real = RealReference(torch.randn(64, 2, dtype=torch.float64), scale=2.0)
+    clips = torch.zeros(64, 3, 2, 2, 6)
+    clips[..., 4:] = real.feats.float()[:, None, None, None, :].clamp(-1, 1)  # the score clamps clips to [-1, 1]
+    labels = torch.zeros(64, 4, dtype=torch.int64)
+    labels[:16, 2] = 1  # motion wrong for a quarter of the clips
+    s = score_clips(Fixed(), RealReference(clips[:, 0, 0, 0, 4:].double(), 2.0), clips, labels)
+    assert s.per_attribute == {"shape": 100.0, "colour": 100.0, "motion": 75.0, "size": 100.0}
+    assert s.semantic == pytest.approx(93.75)
+    assert s.fd == pytest.approx(0.0, abs=1e-9) and s.quality == pytest.approx(100.0)
+    assert score_clips(Fixed(), real, clips, labels).quality == pytest.approx(
+        100 * math.exp(-frechet_distance(clips[:, 0, 0, 0, 4:].double(), real.feats) / 2.0))
+
+
+def test_received_bytes_per_collective():
+    table = [["all_gather", "tp", 3, 1200], ["reduce_scatter", "tp", 1, 400], ["all_reduce", "dp_cp", 1, 100],
+             ["all_to_all", "cp", 2, 800], ["send", "cp", 1, 50], ["recv", "cp", 1, 50], ["all_reduce", "world", 1, 8]]
+    got = comm_bound.received(table, {"tp": 4, "cp": 2, "dp_cp": 2, "world": 8})
+    assert got[comm_bound.TP_SUBLAYERS] == pytest.approx(0.75 * 1600)
+    assert got[comm_bound.GRAD_SYNC] == pytest.approx(100)
+    assert got[comm_bound.CP_ULYSSES] == pytest.approx(400)
+    assert got[comm_bound.CP_RING] == pytest.approx(50)
+    assert got[comm_bound.SCALARS] == pytest.approx(2 * 7 / 8 * 8)
+
+
+def test_tp_replicated_params_are_the_ones_tp_does_not_split():
+    from tmd_megatron.parallel import Topology, build_stage_model
+    from tmd_megatron.parallel.sharding import tp_split_dims
+
+    cfg = WanConfig.preset("tiny")
+    model = build_stage_model(cfg, Topology.virtual(tp=2))  # meta device: names and shard shapes only
+    split = tp_split_dims(model)
+    assert split  # the TP model does split something
+    whole = sum(p.numel() for n, p in model.named_parameters() if n not in split)
+    assert comm_bound.tp_replicated_params(cfg) == whole
+
+
+def test_minimum_by_hand():
+    cfg = WanConfig(dim=8, ffn_dim=16, num_heads=1, num_layers=1, text_dim=4, text_len=3, freq_dim=4)
+    # latent 16 x 1 x 4 x 4 -> 4 tokens; batch 2; fp32
+    got = comm_bound.minimum_received(cfg, (16, 1, 4, 4), 2, cp=2, cp_comm="ring", num_params=1000)
+    chunk = 2 * 2 * 8 * 4  # b · L/cp · D · e
+    assert got[comm_bound.CP_RING] == 4 * chunk  # K, V in; dK, dV partials in
+    assert got[comm_bound.GRAD_SYNC] == 1000 * 4  # all-reduce 2(n−1)/n·N·e at n = 2
+    uly = comm_bound.minimum_received(cfg, (16, 1, 4, 4), 2, cp=2, cp_comm="ulysses", num_params=1000)
+    assert uly[comm_bound.CP_ULYSSES] == 2 * 0.5 * 4 * chunk
+    tp = comm_bound.minimum_received(cfg, (16, 1, 4, 4), 2, tp=2, num_params=1000)
+    act = 2 * 4 * 8 * 4  # b · L · D · e
+    assert tp[comm_bound.TP_SUBLAYERS] == 2 * 6 * 0.5 * act  # fwd + bwd, 3 gathers + 3 scatters of half each
+    norms = 2 * 2 * 0.5 * (3 * 2 * 4 + 2 * 3) * 4
+    assert tp[comm_bound.TP_ALL_REDUCE] == norms + 2 * 0.5 * comm_bound.tp_replicated_params(cfg) * 4
+
+
+@pytest.mark.slow
+def test_perf_script_smoke(capsys):
+    from tmd_megatron.bench import perf
+
+    perf.main(["--smoke"])
+    out = capsys.readouterr().out
+    for title in perf.TITLES.values():
+        assert title in out
+    assert "| TP2 + SP | **step total**" in out
+
+
+@pytest.mark.slow
+def test_quality_script_smoke(tmp_path, capsys):
+    from tmd_megatron.bench import quality
+
+    quality.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ("Teacher (Euler 2x2", "DMD2-v M=1 (KD warm-up)", "DMD2-v M=2", "TMD M=2 N=2"):
+        assert f"| {name}" in out
+    assert (tmp_path / "results.json").exists()

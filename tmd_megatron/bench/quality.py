@@ -1,0 +1,385 @@
+"""`make bench-quality`: the paper's Table 1/2 comparison at a scale this CPU trains in under an hour.
+
+    python -m tmd_megatron.bench.quality                   # the full benchmark (3 seeds), writes the doc table
+    python -m tmd_megatron.bench.quality --smoke           # minutes-long sizes cut to seconds (test suite)
+
+On the synthetic text-to-video task (tmd_megatron.data.synthetic) it trains a Wan teacher by flow matching, then
+distils it with the real trainer (`Trainer(resolve(compose(...)))`, the same code `tmd-train` runs):
+- DMD2-v M=1 with KD warm-up: KD on teacher ODE pairs (S1 iterations), then DMD2-v (S2);
+- DMD2-v M=2: DMD2-v for S1 + S2 iterations;
+- TMD (M, N) for M in {1, 2}, N in {2, 4}, H = `head_blocks`: TM-MF (S1), then TMD stage 2 (S2).
+Equal training budget = equal optimizer iterations in total (S1 + S2), each method with the same batch and
+learning rates; the wall time each method took is reported beside its scores. Each generator, and the teacher
+at 50×2 NFE (Euler, CFG), is scored on the same prompts and noise (bench/scores.py: VBench-like quality,
+semantic and overall). Seeds: every distillation run and its evaluation noise; the teacher is trained once (the
+fixed model being distilled, as Wan is in the paper) and scored with each seed's noise.
+
+Runs go through a pool of worker processes (one torch thread each), ordered by their dependencies.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
+
+from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    model: dict = field(default_factory=lambda: {"dim": 128, "ffn_dim": 256, "num_heads": 4, "num_layers": 4,
+                                                 "text_len": 16, "patch_size": [1, 1, 1]})
+    frames: int = 3
+    size: int = 16
+    train_clips: int = 8192
+    teacher_steps: int = 3000
+    teacher_lr: float = 1e-3
+    teacher_batch: int = 32
+    guidance: float = 3.0  # CFG of the teacher everywhere: its 50x2 sampler, KD pairs, DMD2-v/TMD VSD, TM-MF
+    teacher_sampling_steps: int = 50
+    sampling_shift: float = 3.0  # the teacher's sampling grid shift (= its flow-matching training shift)
+    kd_pairs: int = 1024
+    stage1_steps: int = 200  # S1: KD, TM-MF, or extra DMD2-v iterations
+    stage2_steps: int = 400  # S2: DMD2-v / TMD stage 2
+    batch: int = 16
+    lr: float = 1e-4  # every student update (KD, TM-MF, DMD2-v/TMD generator)
+    lr_critic: float = 1e-4  # fake score and discriminator
+    student_every: int = 2  # generator update frequency in stage 2 (the paper: 5)
+    head_blocks: int = 1  # H
+    disc_layers: tuple[int, ...] = (1, 3)
+    disc_width: int = 16
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_prompts: int = 256
+    classifier_steps: int = 800
+    workers: int = 2
+    methods: tuple[tuple, ...] = (("dmd2v", 1), ("dmd2v", 2), ("tmd", 1, 2), ("tmd", 1, 4), ("tmd", 2, 2), ("tmd", 2, 4))
+
+
+SMOKE = QualityConfig(model={"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_len": 16},
+                      train_clips=64, teacher_steps=4, teacher_batch=4, teacher_sampling_steps=2, kd_pairs=8,
+                      stage1_steps=2, stage2_steps=2, batch=4, head_blocks=1, disc_layers=(0, 1), disc_width=8,
+                      seeds=(0, 1), eval_prompts=16, classifier_steps=4,
+                      methods=(("dmd2v", 1), ("dmd2v", 2), ("tmd", 2, 2)))
+
+
+def method_name(method: tuple) -> str:
+    if method[0] == "dmd2v":
+        return f"DMD2-v M={method[1]}" + (" (KD warm-up)" if method[1] == 1 else "")
+    return f"TMD M={method[1]} N={method[2]}"
+
+
+# ---- runs (in worker processes) ---------------------------------------------------------------------------
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _common(cfg: QualityConfig, out: Path, name: str, seed: int, steps: int) -> list[str]:
+    model = [f"++model.overrides.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.model.items()]
+    return ["model.preset=tiny", *model, f"++model.overrides.text_dim=32", "data.source=shards",
+            f"data.shards=[{out / 'data'}]", f"data.negative={out / 'negative.pt'}", f"data.global_batch={cfg.batch}",
+            f"data.latent=[16,{cfg.frames},{cfg.size // 2},{cfg.size // 2}]", f"run.seed={seed}",
+            f"run.out_dir={out / 'runs' / name}", f"run.max_steps={steps}", "run.tensorboard=false",
+            "run.log_every=50", "run.ckpt_every=0", "run.resume=never", "run.device=cpu"]
+
+
+def _stage2(cfg: QualityConfig) -> list[str]:
+    layers = ",".join(str(i) for i in cfg.disc_layers)
+    return [f"++method.dmd2v.cfg_scale={cfg.guidance}", f"++method.dmd2v.disc_layers=[{layers}]",
+            f"++method.dmd2v.disc_width={cfg.disc_width}", f"++method.dmd2v.student_every={cfg.student_every}",
+            f"optim.lr={cfg.lr}", f"optim.lr_fake={cfg.lr_critic}", f"optim.lr_disc={cfg.lr_critic}"]
+
+
+def train_run(overrides: list[str]) -> dict:
+    """One training run of the real trainer; returns its export directory and wall time."""
+    from tmd_megatron.parallel import Topology
+    from tmd_megatron.training.config import compose, resolve
+    from tmd_megatron.training.trainer import Trainer
+
+    res = resolve(compose(overrides))
+    t0 = time.time()
+    Trainer(res, Topology.single(), stream=io.StringIO()).fit()
+    return {"export": str(Path(res.raw.run.out_dir) / "export"), "wall": time.time() - t0,
+            "steps": res.max_steps, "method": res.method}
+
+
+def make_kd_pairs(cfg: QualityConfig, out: Path, teacher_dir: str, rank: int, world: int) -> dict:
+    """This worker's share of the KD pairs: the teacher's 50-step CFG ODE from stored noise (data/teacher_data)."""
+    from tmd_megatron.data.teacher_data import generate_teacher_data
+    from tmd_megatron.models.wan import WanModel
+
+    t0 = time.time()
+    task = _task(cfg)
+    teacher = WanModel.from_pretrained(teacher_dir).eval()
+    prompts = [task.sample(i, 0).prompt for i in range(cfg.kd_pairs)]
+    generate_teacher_data(teacher, prompts, task.encode_prompts, task.encode_text(""), out / "kd",
+                          latent_shape=task.latent_shape, steps=cfg.teacher_sampling_steps, guidance=cfg.guidance,
+                          shift=cfg.sampling_shift, seed=1, batch_size=64, samples_per_shard=max(1, cfg.kd_pairs // 4),
+                          save_noise=True, dtype=torch.float32, rank=rank, world_size=world, prefix="kd",
+                          progress=False)
+    return {"wall": time.time() - t0}
+
+
+def _task(cfg: QualityConfig) -> SyntheticTask:
+    return SyntheticTask(frames=cfg.frames, size=cfg.size, text_dim=32)
+
+
+def eval_prompts(cfg: QualityConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts [n, words+1, 32] and label ids [n, 4] of the evaluation prompts (unseen sample seed)."""
+    task = _task(cfg)
+    samples = [task.sample(i, 777) for i in range(cfg.eval_prompts)]
+    ids = torch.tensor([[ATTRIBUTES[k].index(s.labels[k]) for k in ATTRIBUTES] for s in samples])
+    return torch.stack([task.encode_text(s.prompt) for s in samples]), ids
+
+
+@torch.no_grad()
+def generate(cfg: QualityConfig, kind: str, path: str, seed: int, method: tuple | None = None) -> tuple[torch.Tensor, float]:
+    """Latents for the evaluation prompts from one generator, and its effective NFE."""
+    from tmd_megatron.algorithms import dmd2v_sample, effective_nfe, teacher_euler_sample, tmd_sample
+    from tmd_megatron.algorithms.config import DMD2vConfig
+    from tmd_megatron.algorithms.timesteps import student_grid, wan_sampling_grid
+    from tmd_megatron.models.wan import WanModel
+    from tmd_megatron.training.export import load_student
+
+    task = _task(cfg)
+    ctx, _ = eval_prompts(cfg)
+    noise = torch.randn(len(ctx), *task.latent_shape, generator=torch.Generator().manual_seed(10_000 + seed))
+    grid_cfg = DMD2vConfig()  # outer/inner shifts and t_max as in training (the recipes keep the defaults)
+    if kind == "teacher":
+        teacher = WanModel.from_pretrained(path).eval()
+        grid = wan_sampling_grid(cfg.teacher_sampling_steps, cfg.sampling_shift)
+        x = teacher_euler_sample(teacher, noise, ctx, grid, task.encode_text(""), cfg.guidance)
+        return x, 2.0 * cfg.teacher_sampling_steps
+    outer = student_grid(method[1], grid_cfg.outer_shift, grid_cfg.t_max)
+    if kind == "dmd2v":
+        return dmd2v_sample(WanModel.from_pretrained(path).eval(), noise, ctx, outer), float(method[1])
+    student = load_student(path).eval()
+    inner = student_grid(method[2], grid_cfg.inner_shift, grid_cfg.t_max)
+    x = tmd_sample(student, noise, ctx, outer, inner, torch.Generator().manual_seed(20_000 + seed))
+    return x, effective_nfe(method[1], method[2], cfg.head_blocks, student.wan.config.num_layers)
+
+
+def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, method: tuple | None = None) -> dict:
+    """Scores of one generator on the evaluation prompts with this seed's noise."""
+    ref = torch.load(out / "classifier.pt")
+    clf = AttributeClassifier(cfg.frames)
+    clf.load_state_dict(ref["state"])
+    real = RealReference(ref["feats"], ref["scale"])
+    latents, nfe = generate(cfg, kind, path, seed, method)
+    _, ids = eval_prompts(cfg)
+    s = score_clips(clf.eval(), real, _task(cfg).decode_latent(latents), ids)
+    return {"nfe": nfe, "overall": s.overall, "quality": s.quality, "semantic": s.semantic, "fd": s.fd,
+            **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
+
+
+def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int) -> dict:
+    """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored."""
+    name = f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}_s{seed}_stage{stage}"
+    if method[0] == "dmd2v" and method[1] == 1 and stage == 1:  # KD warm-up on the teacher's ODE pairs
+        over = _common(cfg, out, name, seed, cfg.stage1_steps)
+        over = [o for o in over if not o.startswith(("data.shards", "data.negative"))]
+        over += ["method=kd", f"model.teacher={teacher}", f"data.shards=[{out / 'kd'}]",
+                 f"data.negative={out / 'negative.pt'}", f"optim.lr={cfg.lr}"]
+    elif method[0] == "dmd2v":
+        steps = cfg.stage2_steps + (cfg.stage1_steps if method[1] != 1 else 0)
+        over = _common(cfg, out, name, seed, steps) + ["method=dmd2v", f"model.teacher={teacher}",
+                                                        f"distill.outer_steps={method[1]}", *_stage2(cfg)]
+        if init:
+            over.append(f"model.init={init}")
+    else:
+        _, m, n = method
+        over = _common(cfg, out, name, seed, cfg.stage1_steps if stage == 1 else cfg.stage2_steps)
+        over += [f"model.teacher={teacher}", f"distill.outer_steps={m}", f"distill.inner_steps={n}",
+                 f"distill.head_blocks={cfg.head_blocks}"]
+        if stage == 1:
+            over += ["method=tm_mf", f"++method.tm_mf.cfg_scale={cfg.guidance}", f"optim.lr={cfg.lr}"]
+        else:
+            over += ["method=tmd", f"model.init={init}", *_stage2(cfg)]
+    run = train_run(over)
+    if stage == 1:
+        return run
+    kind = "dmd2v" if method[0] == "dmd2v" else "tmd"
+    return {**run, **evaluate(cfg, out, kind, run["export"], seed, method)}
+
+
+# ---- orchestration ------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    name: str
+    fn: object
+    args: tuple
+    deps: tuple[str, ...] = ()
+    then: object = None  # callable(results) -> extra args appended when the deps are done
+
+
+def schedule(jobs: list[Job], workers: int, log) -> dict[str, dict]:
+    """Run jobs on a process pool as their dependencies finish; longest remaining chains first."""
+    results, pending, running = {}, {j.name: j for j in jobs}, {}
+    depth = {}
+
+    def chain(name):
+        if name not in depth:
+            depth[name] = 1 + max((chain(j.name) for j in jobs if name in j.deps), default=0)
+        return depth[name]
+
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+        while pending or running:
+            ready = sorted((j for j in pending.values() if all(d in results for d in j.deps)),
+                           key=lambda j: -chain(j.name))
+            for job in ready[: max(0, workers - len(running))]:
+                args = job.args + (job.then(results) if job.then else ())
+                running[pool.submit(job.fn, *args)] = job.name
+                del pending[job.name]
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = running.pop(fut)
+                results[name] = fut.result()
+                log(f"done {name} ({results[name].get('wall', 0):.0f} s)")
+    return results
+
+
+def prepare(cfg: QualityConfig, out: Path, log) -> dict:
+    """Training shards, the negative-prompt embedding, the classifier and the real-clip reference."""
+    task = _task(cfg)
+    task.write_shards(out / "data", cfg.train_clips, seed=0, samples_per_shard=max(1, cfg.train_clips // 4))
+    torch.save(task.encode_text(""), out / "negative.pt")
+    t0 = time.time()
+    clf = train_classifier(task, num_clips=max(64, cfg.train_clips), steps=cfg.classifier_steps)
+    real = RealReference.build(clf, task, max(64, 4 * cfg.eval_prompts), seed=123)
+    torch.save({"state": clf.state_dict(), "feats": real.feats, "scale": real.scale}, out / "classifier.pt")
+    # The instrument's ceiling: real clips of the evaluation prompts' seed scored like generated ones.
+    clips, ids = task.clips(cfg.eval_prompts, seed=777)
+    s = score_clips(clf, real, clips, ids)
+    log(f"classifier trained in {time.time() - t0:.0f} s; real clips: {s.per_attribute}")
+    return {"overall": s.overall, "quality": s.quality, "semantic": s.semantic, "fd": s.fd,
+            **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
+
+
+def run(cfg: QualityConfig, out: Path, log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    real = prepare(cfg, out, log)
+    teacher_over = _common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
+        "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100", "optim.schedule=cosine",
+        f"data.global_batch={cfg.teacher_batch}"]
+    jobs = [Job("teacher", train_run, (teacher_over,))]
+    teacher = lambda r: (r["teacher"]["export"],)  # noqa: E731
+    for rank in range(cfg.workers):
+        jobs.append(Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out), ("teacher",),
+                        lambda r, rank=rank: (r["teacher"]["export"], rank, cfg.workers)))
+    kd_deps = tuple(f"kd_pairs{rank}" for rank in range(cfg.workers))
+    for seed in cfg.seeds:
+        jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed), ("teacher",), teacher))
+        for method in cfg.methods:
+            key = f"{method_name(method)} s{seed}"
+            two_stage = method[0] == "tmd" or method[1] == 1
+            if two_stage:
+                deps = ("teacher",) + (kd_deps if method[0] == "dmd2v" else ())
+                jobs.append(Job(key + " stage1", distill, (cfg, out, method, seed, None), deps,
+                                lambda r: (r["teacher"]["export"], 1)))
+                jobs.append(Job(key, distill, (cfg, out, method, seed), (key + " stage1", "teacher"),
+                                lambda r, k=key: (r[k + " stage1"]["export"], r["teacher"]["export"], 2)))
+            else:
+                jobs.append(Job(key, distill, (cfg, out, method, seed, None), ("teacher",),
+                                lambda r: (r["teacher"]["export"], 2)))
+    results = schedule(jobs, cfg.workers, log)
+    summary = {"config": asdict(cfg), "real": real, "teacher_train": results["teacher"], "runs": {},
+               "minutes": (time.time() - t_start) / 60}
+    for seed in cfg.seeds:
+        summary["runs"][f"Teacher (Euler {cfg.teacher_sampling_steps}x2, CFG {cfg.guidance:g}) s{seed}"] = \
+            results[f"eval teacher s{seed}"]
+        for method in cfg.methods:
+            key = f"{method_name(method)} s{seed}"
+            r = dict(results[key])
+            if key + " stage1" in results:
+                r["wall"] += results[key + " stage1"]["wall"]
+                r["steps"] += results[key + " stage1"]["steps"]
+            summary["runs"][key] = r
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate_teacher(cfg: QualityConfig, out: Path, seed: int, teacher_dir: str) -> dict:
+    t0 = time.time()
+    return {**evaluate(cfg, out, "teacher", teacher_dir, seed), "wall": time.time() - t0}
+
+
+# ---- the table -----------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(summary: dict) -> str:
+    groups: dict[str, list[dict]] = {}
+    for key, r in summary["runs"].items():
+        groups.setdefault(key.rsplit(" s", 1)[0], []).append(r)
+    real = summary["real"]
+    lines = ["| method | effective NFE | overall | quality | semantic | motion acc. | shape acc. | FD | "
+             "train iterations | train time |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| real clips (the scores' ceiling) | – | {real['overall']:.1f} | {real['quality']:.1f} | "
+             f"{real['semantic']:.1f} | {real['sem_motion']:.1f} | {real['sem_shape']:.1f} | {real['fd']:.1f} | – | – |"]
+    for name, rs in groups.items():
+        col = lambda k: _mean_std([r[k] for r in rs])  # noqa: E731
+        steps = rs[0].get("steps")
+        wall = statistics.mean(r["wall"] for r in rs) if "steps" in rs[0] else None
+        lines.append(f"| {name} | {rs[0]['nfe']:g} | {col('overall')} | {col('quality')} | {col('semantic')} | "
+                     f"{col('sem_motion')} | {col('sem_shape')} | {col('fd')} | {steps if steps else '–'} | "
+                     f"{f'{wall / 60:.1f} min' if wall else '–'} |")
+    return "\n".join(lines)
+
+
+def render(summary: dict, command: str) -> str:
+    cfg = summary["config"]
+    t = summary["teacher_train"]
+    seeds = len(cfg["seeds"])
+    head = (f"Produced by `{command}` in {summary['minutes']:.0f} min ({cfg['workers']} worker processes). "
+            f"Mean ± std over {seeds} seeds. Teacher: {t['steps']} flow-matching iterations in "
+            f"{t['wall'] / 60:.1f} min. Each distilled generator: {cfg['stage1_steps']} + {cfg['stage2_steps']} "
+            f"iterations at batch {cfg['batch']}.")
+    return head + "\n\n" + table(summary)
+
+
+def write_doc(text: str, doc: Path = DOC) -> None:
+    import re
+
+    old = doc.read_text()
+    if BEGIN not in old or END not in old:
+        raise ValueError(f"{doc} lacks the markers {BEGIN} / {END} around the quality table")
+    doc.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", old,
+                          flags=re.S))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); never writes the doc")
+    ap.add_argument("--out", default="runs/bench_quality", help="working directory (runs, checkpoints, results.json)")
+    ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    args = ap.parse_args(argv)
+    cfg = SMOKE if args.smoke else QualityConfig()
+    summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True))
+    command = "python -m tmd_megatron.bench.quality" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    text = render(summary, command)
+    print(text)
+    if not (args.smoke or args.no_write):
+        write_doc(text)
+        print(f"written to {DOC}")
+
+
+if __name__ == "__main__":
+    main()

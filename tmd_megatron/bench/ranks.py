@@ -1,0 +1,140 @@
+"""Multi-rank benchmark cases, run on every rank by torchrun (see launch.py): the real trainer on a recipe,
+measured from inside. `python -m tmd_megatron.bench.ranks CASES_JSON OUT_DIR` runs the cases
+([[name, kwargs], ...]) one after another in this process and writes their results to OUT_DIR/rank{r}.json.
+
+- comm:     bytes counted by `count_comm` in one training step (after a warm-up step), per (op, group);
+- pipeline: busy and wall time of every pipelined pass of stage-2 steps (PipelineResult.trace), and step times;
+- memory:   peak resident memory of the process during training steps above its level before the models were
+            built, beside the exact bytes of the model states (weights, gradients, optimizer states). The peak is
+            the process's high-water mark, so a memory case must be the only case of its launch.
+"""
+from __future__ import annotations
+
+import io
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def _trainer(overrides: list[str], out_dir: str):
+    """The recipe resolved, its topology (re-initialised for this case's layout), and a Trainer factory."""
+    from tmd_megatron.parallel import init_topology
+    from tmd_megatron.training.config import compose, resolve
+    from tmd_megatron.training.trainer import Trainer
+
+    res = resolve(compose([*overrides, f"run.out_dir={out_dir}/run", "run.tensorboard=false", "run.ckpt_every=0",
+                           "run.resume=never", "run.device=cpu"]))
+    p = res.raw.parallel
+    topo = init_topology(p.tp, p.cp, p.pp, device="cpu", timeout_s=300)
+    return res, topo, lambda: Trainer(res, topo, stream=io.StringIO())
+
+
+def comm_case(overrides: list[str], out_dir: str) -> dict:
+    from tmd_megatron.parallel import count_comm
+
+    res, topo, make = _trainer(overrides, out_dir)
+    trainer = make()
+    trainer.start()
+    trainer.advance()  # warm-up
+    with count_comm() as counter:
+        trainer.advance()
+    table = [[op, group, calls, nbytes] for (op, group), (calls, nbytes) in counter.table().items()]
+    return {"rank": topo.world.rank, "table": table,
+            "group_sizes": {g: getattr(topo, g).size for g in ("tp", "cp", "pp", "dp", "dp_cp", "tp_cp", "world")}}
+
+
+def _busy(result) -> float:
+    return sum(end - start for _, _, start, end in result.trace)
+
+
+def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    from tmd_megatron.training.passes import Passes
+
+    res, topo, make = _trainer(overrides, out_dir)
+    trainer = make()
+    passes = []
+
+    class TimedPasses(Passes):
+        def run(self, stage, inputs, *, forward_only=False, output_grads=None):
+            result = super().run(stage, inputs, forward_only=forward_only, output_grads=output_grads)
+            passes.append({"stage_fn": type(stage).__name__, "forward_only": forward_only, "wall": result.wall,
+                           "busy": _busy(result)})
+            return result
+
+    p = res.raw.parallel
+    trainer.passes = TimedPasses(topo, p.microbatches, p.schedule, trainer.passes.autocast_dtype)
+    trainer.start()
+    trainer.advance()  # warm-up (also a generator step: the student updates on step 0)
+    records = []
+    for _ in range(steps):
+        passes.clear()
+        generator = "student" in trainer.updates_this_step()
+        t0 = time.perf_counter()
+        trainer.advance()
+        records.append({"generator": generator, "wall": time.perf_counter() - t0, "passes": list(passes)})
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "steps": records}
+
+
+def _state_bytes(trainer) -> int:
+    """Weights and gradients of every role on this rank, plus the optimizers' master weights and moments."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    roles = trainer.roles
+    for module in (roles.student, roles.teacher, roles.fake, roles.disc):
+        if module is not None:
+            for p in module.parameters():
+                add(p)
+                add(p.grad)
+    for opt in trainer.optims.values():
+        for bucket in opt.buckets:
+            add(bucket.master)
+        for state in opt.optimizer.state.values():
+            for t in state.values():
+                if torch.is_tensor(t) and t.numel() > 1:
+                    add(t)
+    return total
+
+
+def memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    res, topo, make = _trainer(overrides, out_dir)
+    torch.zeros(1).sum()  # let torch finish its lazy initialisation before the baseline
+    baseline = psutil.Process().memory_info().rss
+    trainer = make()
+    trainer.start()
+    for _ in range(steps):
+        trainer.advance()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "baseline": baseline, "peak": peak,
+            "peak_above_baseline": peak - baseline, "state_bytes": _state_bytes(trainer)}
+
+
+CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case}
+
+
+def main() -> None:
+    import os
+
+    cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(1)
+    results = [CASES[name](out_dir=str(out / f"case{i}"), **kwargs) for i, (name, kwargs) in enumerate(cases)]
+    (out / f"rank{int(os.environ.get('RANK', 0))}.json").write_text(json.dumps(results))
+    from tmd_megatron.parallel import destroy_topology
+
+    destroy_topology()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown, which can abort gloo (shared/notes/STACK_ON_CPU.md)
+
+
+if __name__ == "__main__":
+    main()

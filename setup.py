@@ -34,7 +34,7 @@ setup(
         "console_scripts": [
             "tmd-train=tmd_megatron.cli.train:main",
             "tmd-sample=tmd_megatron.cli.pending:sample",
-            "tmd-plan=tmd_megatron.cli.pending:plan",
+            "tmd-plan=tmd_megatron.cli.plan:main",
             "tmd-convert=tmd_megatron.cli.convert:main",
             "tmd-preprocess=tmd_megatron.cli.preprocess:main",
         ]

@@ -22,7 +22,7 @@ from tmd_megatron.algorithms.timesteps import is_student_step
 from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state, transfer
 
 from . import checkpoint as ckpt
-from .config import RecipeError, Resolved
+from .config import RecipeError, Resolved, num_microbatches
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
@@ -56,9 +56,10 @@ def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
     if d.global_batch % dp:
         raise RecipeError(f"data.global_batch={d.global_batch} is not divisible by the {dp} data-parallel ranks")
     local = d.global_batch // dp
-    if local % res.raw.parallel.microbatches:
-        raise RecipeError(f"the per-rank batch {local} is not divisible by parallel.microbatches="
-                          f"{res.raw.parallel.microbatches}")
+    m = num_microbatches(res, dp)
+    if local % m:
+        raise RecipeError(f"the per-rank batch {local} is not divisible into {m} microbatches: change "
+                          "parallel.microbatches / parallel.micro_batch_size or data.global_batch")
     if d.source == "synthetic":
         from tmd_megatron.data.synthetic import SyntheticTask
 
@@ -90,7 +91,8 @@ class Trainer:
         run = res.raw.run
         self.out = Path(run.out_dir)
         self.roles = roles or build_roles(res, topo)
-        self.passes = Passes(topo, res.raw.parallel.microbatches, res.raw.parallel.schedule, _autocast_dtype(res))
+        self.microbatches = num_microbatches(res, topo.dp.size)
+        self.passes = Passes(topo, self.microbatches, res.raw.parallel.schedule, _autocast_dtype(res))
         o = res.raw.optim
         lrs = {"student": res.lr, "fake": res.lr_fake, "disc": res.lr_disc}
         self.optims = {}
@@ -200,7 +202,7 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def micro_batches(self, batch: dict) -> list[Micro]:
-        m = self.res.raw.parallel.microbatches
+        m = self.microbatches
         dev = self.topo.device
         x, ctx, idx = batch["latent"].float(), batch["context"].float(), batch["index"]
         noise = batch.get("noise")

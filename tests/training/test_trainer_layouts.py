@@ -14,20 +14,21 @@ EIGHT = {"tp2_cp2_pp2": dict(tp=2, cp=2, pp=2)}
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return {m: run_case(m, {"distributed": False}) for m in METHODS}
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference")
+    return {m: run_case(m, {"distributed": False}, str(base / m)) for m in METHODS}
 
 
 @pytest.fixture(scope="module")
-def two_rank():
+def two_rank(tmp_path_factory):
     cases = {f"{m}/{name}": (m, lay) for m in METHODS for name, lay in TWO.items()}
-    return run_ranks(run_cases, 2, cases, timeout=600)[0]
+    return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=900)[0]
 
 
 @pytest.fixture(scope="module")
-def eight_rank():
+def eight_rank(tmp_path_factory):
     cases = {f"{m}/{name}": (m, lay) for m in METHODS for name, lay in EIGHT.items()}
-    return run_ranks(run_cases, 8, cases, timeout=900)[0]
+    return run_ranks(run_cases, 8, cases, str(tmp_path_factory.mktemp("eight")), timeout=1200)[0]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,6 +7,7 @@ Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-re
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -28,6 +29,7 @@ from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
 from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_mf_step
 from .roles import Roles, build_roles
+from .sampling import SAMPLER_JSON, sampler_config_of
 from .state import TIED, ZeroState, device_mesh, ema_state, module_state
 
 REQUEUE_EXIT = 75
@@ -348,6 +350,7 @@ class Trainer:
         out = self.out / "export"
         if self.topo.world.rank == 0:
             write_export(out, self.res.wan, full, self.res.student)
+            (out / SAMPLER_JSON).write_text(json.dumps(dataclasses.asdict(sampler_config_of(self.res)), indent=2))
             (self.out / "export_info.json").write_text(json.dumps({"step": self.step, "method": self.res.method}))
         if dist.is_initialized():
             dist.barrier()

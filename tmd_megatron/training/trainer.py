@@ -267,7 +267,8 @@ class Trainer:
 
     def advance(self) -> dict:
         """One training step on the next batch."""
-        metrics = self.train_step(next(self.batches))
+        self.last_batch = next(self.batches)
+        metrics = self.train_step(self.last_batch)
         self.step += 1
         return metrics
 
@@ -327,10 +328,44 @@ class Trainer:
                 raise Preempted(f"stopped by a signal at step {self.step}; checkpoint written")
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < self.res.max_steps:
                 self.save()
+            if run.sample_every and self.step % run.sample_every == 0:
+                self.preview()
         self.save()
         self.export()
         self.logger.close()
         return 0
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        """A few samples from the current student for the first prompts of the current batch, written to
+        <out_dir>/samples/step_X (latents, and mp4 previews for the synthetic task). Not under pipeline
+        parallelism (the samplers call whole models)."""
+        if self.topo.pp.size > 1:
+            if not getattr(self, "_preview_skipped", False) and self.topo.world.rank == 0:
+                print("run.sample_every: previews are skipped under pipeline parallelism", flush=True)
+            self._preview_skipped = True
+            return
+        from .sampling import sample
+
+        kind = {"tm_mf": "tmd", "tmd": "tmd", "flow_matching": "teacher"}.get(self.res.method, "dmd2v")
+        ctx = self.last_batch["context"][: self.res.raw.run.num_samples].float().to(self.topo.device)
+        latent = tuple(self.last_batch["latent"].shape[1:])
+        module = self.roles.student
+        module.eval()
+        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step)
+        module.train()
+        if self.topo.dp.rank == 0 and self.topo.tp.rank == 0 and self.topo.cp.rank == 0:
+            folder = self.out / "samples" / f"step_{self.step:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"latents": x.cpu(), "prompts": self.last_batch.get("prompt", [])[: len(x)], "nfe": nfe},
+                       folder / "latents.pt")
+            if self.res.raw.data.source == "synthetic":
+                from tmd_megatron.cli.sample import _write_mp4
+                from tmd_megatron.data.synthetic import SyntheticTask
+
+                videos = SyntheticTask(text_dim=self.res.wan.text_dim).decode_latent(x.cpu())
+                for i, v in enumerate(videos):
+                    _write_mp4(folder / f"{i}.mp4", v)
 
     def export(self) -> Path:
         """The trained student (EMA weights if enabled) as a single-device checkpoint in <out_dir>/export."""

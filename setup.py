@@ -33,8 +33,8 @@ setup(
     entry_points={
         "console_scripts": [
             "tmd-train=tmd_megatron.cli.train:main",
-            "tmd-sample=tmd_megatron.cli.pending:sample",
-            "tmd-plan=tmd_megatron.cli.pending:plan",
+            "tmd-sample=tmd_megatron.cli.sample:main",
+            "tmd-plan=tmd_megatron.cli.plan:main",
             "tmd-convert=tmd_megatron.cli.convert:main",
             "tmd-preprocess=tmd_megatron.cli.preprocess:main",
         ]

@@ -12,7 +12,7 @@ import functools
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from comm_formula import pipeline_comm, zero_comm
+from tmd_megatron.parallel.comm_model import pipeline_comm, zero_comm
 from tmd_megatron.models.wan import WanConfig, WanModel
 from tmd_megatron.parallel import (
     WanStage,

@@ -43,7 +43,7 @@ def _assert_close(got: dict, want: dict, what: str):
 
 @pytest.mark.parametrize("jvp", ["fd", "exact"])
 def test_tm_mf_program_equals_the_reference_step(jvp):
-    res, roles, step, batch = _setup(["method=tm_mf", f"+method.tm_mf.jvp={jvp}"])
+    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}"])
     reference = copy.deepcopy(roles.student)
     tm_mf_step(step)
     loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)))

@@ -16,7 +16,8 @@ def run(overrides: list[str], stream=None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tmd_megatron.parallel import destroy_topology, init_topology
+    from tmd_megatron.parallel import Topology, destroy_topology, dist_env, init_topology
+    from tmd_megatron.parallel.topology import default_device
     from tmd_megatron.training.checkpoint import ResumeError
     from tmd_megatron.training.config import RecipeError, compose, resolve
     from tmd_megatron.training.plan import check_recipe
@@ -29,7 +30,11 @@ def run(overrides: list[str], stream=None) -> int:
         problems = check_recipe(res, world)
         if problems:
             raise RecipeError("the recipe cannot run:\n  - " + "\n  - ".join(problems))
-        topo = init_topology(p.tp, p.cp, p.pp, device=res.raw.run.device)
+        if dist_env().source == "single" and p.tp * p.cp * p.pp == 1:
+            # one process: no process group (and no rendezvous port to collide with another local run)
+            topo = Topology.single(default_device(res.raw.run.device)[0])
+        else:
+            topo = init_topology(p.tp, p.cp, p.pp, device=res.raw.run.device)
     except (RecipeError, ValueError, RuntimeError, HydraException, OmegaConfBaseException) as err:
         print(f"tmd-train: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,9 @@
 """Teacher-generated data: latents sampled from prompts by a teacher DiT with a multi-step CFG Euler sampler, and
 KD pairs (the sampler's starting noise beside its ODE result) for the one-step KD warm-up.
 
-The sampler here is a small self-contained copy for dataset generation; algorithms/sampling is the one the
-training code uses (the two are to be merged). Grid as Wan's original sampler: σ_i = linspace(σ_max, 0, N+1)
-with σ_max = 0.999 (the paper's t_M), mapped by the shift σ -> sσ / (1 + (s-1)σ); the network sees 1000σ (as a
-float: Wan's UniPC sampler rounds it to an integer, an Euler ODE needs the exact value). CFG as Wan:
+The sampler is algorithms.sampling.teacher_euler_sample on Wan's original grid (algorithms.timesteps.
+wan_sampling_grid: σ_i = linspace(0.999, 0, N+1) mapped by the shift σ -> sσ / (1 + (s-1)σ)); the network sees
+1000σ as a float64 (Wan's UniPC sampler rounds it to an integer, an Euler ODE needs the exact value). CFG as Wan:
 v = v_uncond + g (v_cond - v_uncond), uncond = the negative prompt.
 
 Sample i's noise comes from a generator seeded by (seed, i) alone, and sample i lands in shard i // S, so the
@@ -20,34 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tmd_megatron.algorithms.sampling import teacher_euler_sample
+from tmd_megatron.algorithms.timesteps import wan_sampling_grid
+
 from .format import ShardWriter, index_path
 from .preprocess import claim_output, entries_digest, my_shards
 from .text import pad_context
 
 log = logging.getLogger(__name__)
-
-
-def shifted_sigmas(steps: int, shift: float, sigma_max: float = 0.999) -> torch.Tensor:
-    """[steps + 1] float64 noise levels from sigma_max down to exactly 0."""
-    if steps < 1 or shift <= 0:
-        raise ValueError(f"steps={steps} must be >= 1 and shift={shift} > 0")
-    s = torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
-
-
-@torch.no_grad()
-def euler_cfg_sample(model, noise: torch.Tensor, context: torch.Tensor, negative_context: torch.Tensor,
-                     sigmas: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Integrate dx/dσ = v(x, σ) from noise at sigmas[0] to sigmas[-1] with Euler steps; context and
-    negative_context are [B, T, C] (already padded). Conditional and unconditional passes share one batch."""
-    x = noise.float()
-    both_ctx = torch.cat([context, negative_context])
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        t = torch.full((2 * x.shape[0],), 1000.0 * sigma, dtype=torch.float64, device=x.device)  # paper: t in FP64
-        v_cond, v_uncond = model(torch.cat([x, x]), t, both_ctx).float().chunk(2)
-        v = v_uncond + guidance * (v_cond - v_uncond)
-        x = x + (sigma_next - sigma) * v
-    return x
 
 
 def sample_noise(shape, seed: int, index: int) -> torch.Tensor:
@@ -72,7 +51,7 @@ def generate_teacher_data(model, prompts: list[str], encode_prompts: Callable[[l
     out_dir = Path(out_dir)
     text_len = model.config.text_len
     device = next(model.parameters()).device
-    sigmas = shifted_sigmas(steps, shift)
+    grid = wan_sampling_grid(steps, shift)  # ascending, up to σ_max = shift(0.999)
     if rank == 0:
         claim_output(out_dir, {"kind": "teacher", "prompts": entries_digest(prompts), "num_prompts": len(prompts),
                                "latent_shape": list(latent_shape), "steps": steps, "guidance": guidance,
@@ -94,11 +73,11 @@ def generate_teacher_data(model, prompts: list[str], encode_prompts: Callable[[l
                 # Rounded to the storage dtype first, so a stored KD pair is exactly (noise, ODE(noise)).
                 noise = torch.stack([sample_noise(latent_shape, seed, i) for i in chunk]).to(dtype).float()
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    x0 = euler_cfg_sample(model, noise.to(device), ctx, neg.expand(len(chunk), -1, -1), sigmas,
-                                          guidance)
+                    x0 = teacher_euler_sample(model, noise.to(device), ctx, grid, neg.expand(len(chunk), -1, -1),
+                                              guidance)
                 for j, i in enumerate(chunk):
                     meta = {"source": "teacher", "index": i, "seed": seed, "steps": steps, "guidance": guidance,
-                            "shift": shift, "sigma_max": float(sigmas[0])}
+                            "shift": shift, "sigma_max": float(grid[-1])}
                     writer.add(f"{i:09d}", x0[j].cpu().to(dtype), contexts[j].to(dtype), prompts[i], meta,
                                noise=noise[j].to(dtype) if save_noise else None)
                 written += len(chunk)

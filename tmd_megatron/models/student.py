@@ -216,5 +216,10 @@ class DecoupledStudent(nn.Module):
         e, e0 = self.flow_head_time(s, r, features.e_t)
         return self.flow_head_given(y_s, e, e0, features)
 
+    @property
+    def layout(self):
+        """The Wan model's token layout (data-parallel code reads it to know which gradients are TP-partial)."""
+        return self.wan.layout
+
     def extra_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith("wan.")]

@@ -14,10 +14,14 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+# One process without a process group is a supported case, not something to warn about on every save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"

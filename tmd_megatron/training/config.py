@@ -59,6 +59,7 @@ class ParallelSection:
     attention: str = "sdpa"  # sdpa | flash
     schedule: str = "1f1b"  # 1f1b | gpipe
     microbatches: int = 1  # per optimizer step and DP rank (gradient accumulation / pipeline depth)
+    micro_batch_size: Optional[int] = None  # if set: microbatches = per-rank batch / this (any world size)
     zero1: bool = True
     activation_checkpointing: bool = False
 
@@ -70,14 +71,35 @@ class DistillSection:
     head_blocks: int = 5  # H (TMD)
 
 
+def _overrides_of(cls) -> type:
+    """A schema with every field of `cls` optional (None = the paper's value for the model size), so each knob
+    can be set from the command line without `+` and a misspelt one is refused by hydra."""
+    fields = [(f.name, Optional[Any], dataclasses.field(default=None)) for f in dataclasses.fields(cls)]
+    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
+
+
+@dataclass
+class FlowMatchingConfig:
+    """Teacher pretraining by flow matching (tiny CPU teachers; not part of the paper)."""
+
+    t_shift: float = 3.0  # γ of the shifted-uniform training time
+    cond_dropout: float = 0.1  # prompt replaced by the negative prompt, so the teacher supports CFG
+
+
+StudentOverrides = _overrides_of(StudentConfig)
+TMMFOverrides = _overrides_of(TMMFConfig)
+DMD2vOverrides = _overrides_of(DMD2vConfig)
+KDOverrides = _overrides_of(KDConfig)
+
+
 @dataclass
 class MethodSection:
     name: str = "tmd"
-    student: dict = field(default_factory=dict)  # StudentConfig overrides (fusion, target, head_time, ...)
-    tm_mf: dict = field(default_factory=dict)  # TMMFConfig overrides
-    dmd2v: dict = field(default_factory=dict)  # DMD2vConfig overrides
-    kd: dict = field(default_factory=dict)  # KDConfig overrides
-    flow_matching: dict = field(default_factory=dict)  # teacher pretraining: {t_shift: 3.0}
+    student: StudentOverrides = field(default_factory=StudentOverrides)
+    tm_mf: TMMFOverrides = field(default_factory=TMMFOverrides)
+    dmd2v: DMD2vOverrides = field(default_factory=DMD2vOverrides)
+    kd: KDOverrides = field(default_factory=KDOverrides)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
 
 
 @dataclass
@@ -161,8 +183,12 @@ def _algo(cls, preset: str, overrides: dict, where: str):
 
 
 def _plain(d) -> dict:
-    d = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    """Set knobs only (None = the default), lists as tuples."""
+    if OmegaConf.is_config(d):
+        d = OmegaConf.to_container(d, resolve=True)
+    elif dataclasses.is_dataclass(d):
+        d = dataclasses.asdict(d)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d).items() if v is not None}
 
 
 def to_schema(cfg: Any) -> TrainConfig:
@@ -229,3 +255,12 @@ def compose(overrides=(), config_name: str = "train"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(recipe_dir()), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+
+
+def num_microbatches(res: "Resolved", dp: int) -> int:
+    """Microbatches per step on each DP rank: from parallel.micro_batch_size when set, else parallel.microbatches."""
+    p = res.raw.parallel
+    local = res.raw.data.global_batch // dp if dp and res.raw.data.global_batch % dp == 0 else res.raw.data.global_batch
+    if p.micro_batch_size:
+        return max(1, local // p.micro_batch_size)
+    return p.microbatches

@@ -1,14 +1,16 @@
-"""Layout planner: refuse invalid parallel layouts before any process starts, estimate per-rank cost.
+"""Layout planner: refuse invalid recipes before any process starts, estimate per-rank memory and traffic.
 
-Memory model (bytes per rank):
-- trainable roles (student, fake score, discriminator): fp32 weights + fp32 grads + AdamW m, v (sharded
-  over the DP x CP group with ZeRO-1); the student's EMA (fp32) likewise sharded;
-- frozen teacher: weights in the compute dtype;
-- activations: bytes saved for backward per block, measured on our block implementation with
-  saved-tensor hooks and fitted as a·L·D + b·L·F + c·T·D + e·L (+ autocast weight copies), times the
-  microbatches in flight (pp for 1F1B on the first stage); with activation checkpointing only block inputs
-  are kept plus one block's full set during recompute.
-Communication is given per step per rank from the analytic formulas in docs/parallel.md.
+Parameter counts are exact: the planner builds every role a rank would hold (tmd_megatron.training.roles)
+on the meta device for a virtual topology. Memory model per rank (the worst pipeline stage):
+- trained roles (student, fake score, discriminator): fp32 weights + fp32 gradients, and ZeroAdamW's fp32
+  master copy + AdamW moments sharded over DP x CP; the student's EMA (fp32, unsharded);
+- frozen teacher: its weights (bf16 on GPU except the fp32 regions);
+- under bf16 autocast, the bf16 weight copies autocast caches for the model being run;
+- activations: bytes saved for backward per block, fitted on our block with saved-tensor hooks (a·L·D +
+  b·L·F + c·T·D + e·L + autocast weight casts; tests/training/test_plan.py re-measures), for the largest
+  graph a step holds on the stage (e.g. the TMD rollout's N flow-head passes), times the microbatches a 1F1B
+  stage holds; with activation checkpointing, block inputs plus one block's full set.
+Traffic per iteration comes from the analytic model in tmd_megatron/parallel/comm_model.py.
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ import math
 from dataclasses import dataclass, field
 
 from tmd_megatron.models.wan import WanConfig
+
+from .config import num_microbatches
+from tmd_megatron.parallel import Topology
+from tmd_megatron.parallel.comm_model import pipeline_comm, zero_comm
 
 GiB = 2**30
 
@@ -54,8 +60,6 @@ class Workload:
     latent: tuple[int, int, int, int] = (16, 21, 60, 104)
     global_batch: int = 64
     disc_layers: tuple[int, ...] = ()
-    disc_params: int = 0
-    student_extra_params: int = 0  # fusion block, gate, s-r time embedding (TMD)
     compute_dtype: str = "bf16"
 
     @property
@@ -70,73 +74,15 @@ class Workload:
 @dataclass
 class Plan:
     problems: list[str] = field(default_factory=list)
-    rows: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) per rank
-    comm: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB per step per rank)
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (what, GiB) on the worst stage's rank
+    comm: list[tuple[str, float]] = field(default_factory=list)  # (group, GiB per iteration per rank)
     stage_blocks: list[tuple[int, int]] = field(default_factory=list)
     total_gib: float = 0.0
+    worst_stage: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def partition_by_cost(costs: list[float], stages: int) -> list[tuple[int, int]]:
-    """Contiguous ranges of `costs` minimising the largest stage sum (exact, by binary search on the cap)."""
-    n = len(costs)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot split {n} blocks into {stages} non-empty stages")
-
-    def split(cap: float):
-        ranges, start, acc = [], 0, 0.0
-        for i, c in enumerate(costs):
-            if acc + c > cap and i > start:
-                ranges.append((start, i))
-                start, acc = i, 0.0
-            acc += c
-        ranges.append((start, n))
-        return ranges
-
-    lo, hi = max(costs), sum(costs)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if len(split(mid)) <= stages:
-            hi = mid
-        else:
-            lo = mid
-    ranges = split(hi)
-    while len(ranges) < stages:  # pad by splitting the longest range, keeps the max unchanged or lower
-        i = max(range(len(ranges)), key=lambda j: ranges[j][1] - ranges[j][0])
-        a, b = ranges[i]
-        ranges[i : i + 1] = [(a, a + (b - a) // 2), (a + (b - a) // 2, b)]
-    return ranges
-
-
-# ---- parameter counts per rank -------------------------------------------------------------------------
-def block_params(cfg: WanConfig, tp: int) -> int:
-    d, f = cfg.dim, cfg.ffn_dim
-    column = 6 * (d * d + d) + (d * f + f)  # q,k,v self; q,k,v cross; ffn in — sharded by output
-    row = 2 * d * d + f * d  # o self, o cross, ffn out — sharded by input
-    row_bias = 3 * d  # added after the reduction: replicated
-    norms = (4 * d if cfg.qk_norm else 0)  # q/k gains follow their heads
-    replicated = (2 * d if cfg.cross_attn_norm else 0) + 6 * d  # norm3, modulation
-    return (column + row + norms) // tp + row_bias + replicated
-
-
-def embedding_params(cfg: WanConfig) -> int:
-    d = cfg.dim
-    patch = cfg.in_dim * cfg.patch_volume * d + d
-    text = cfg.text_dim * d + d + d * d + d
-    time = cfg.freq_dim * d + d + d * d + d + 6 * d * d + 6 * d
-    return patch + text + time
-
-
-def head_params(cfg: WanConfig) -> int:
-    return cfg.dim * cfg.out_dim * cfg.patch_volume + cfg.out_dim * cfg.patch_volume + 2 * cfg.dim
-
-
-def stage_params(cfg: WanConfig, tp: int, blocks: tuple[int, int], first: bool, last: bool) -> int:
-    n = (blocks[1] - blocks[0]) * block_params(cfg, tp)
-    return n + (embedding_params(cfg) if first else 0) + (head_params(cfg) if last else 0)
 
 
 # ---- activations ------------------------------------------------------------------------------------------
@@ -195,7 +141,8 @@ def check(cfg: WanConfig, lay: Layout, work: Workload, device_memory_gib: float 
         if work.inner_steps < 1:
             p.append(f"inner steps N={work.inner_steps} must be >= 1")
         if not 1 <= work.head_blocks < cfg.num_layers:
-            p.append(f"flow head H={work.head_blocks} must be between 1 and num_layers-1={cfg.num_layers - 1}")
+            p.append(f"flow head H={work.head_blocks} must be between 1 and num_layers-1={cfg.num_layers - 1}: "
+                     "set distill.head_blocks")
     bad = [i for i in work.disc_layers if not 0 <= i < cfg.num_layers]
     if bad:
         p.append(f"discriminator layers {bad} are outside the teacher's blocks 0..{cfg.num_layers - 1}: "
@@ -205,107 +152,15 @@ def check(cfg: WanConfig, lay: Layout, work: Workload, device_memory_gib: float 
     return p
 
 
-def estimate(cfg: WanConfig, lay: Layout, work: Workload, device_memory_gib: float | None = None) -> Plan:
-    plan = Plan(problems=check(cfg, lay, work, device_memory_gib))
-    if plan.problems:
-        return plan
-    L = cfg.num_layers
-    h = work.head_blocks if work.has_flow_head else 0
-    # The flow head runs N inner steps per outer step, so its blocks weigh N times in the stage split.
-    costs = [1.0] * (L - h) + [float(work.inner_steps)] * h
-    costs[0] += 0.5  # embeddings
-    costs[-1] += 0.25  # head
-    plan.stage_blocks = partition_by_cost(costs, lay.pp)
-    shard = lay.dp * lay.cp if lay.zero1 else 1
-
-    worst = None
-    for s, blocks in enumerate(plan.stage_blocks):
-        first, last = s == 0, s == lay.pp - 1
-        n_wan = stage_params(cfg, lay.tp, blocks, first, last)
-        rows = []
-        student = n_wan + (work.student_extra_params // lay.tp if last and work.has_flow_head else 0)
-        rows.append(("student weights+grads (fp32)", student * 8))
-        rows.append((f"student AdamW + EMA (fp32, /{shard})", student * 12 / shard))
-        teacher_bytes = 2 if work.compute_dtype == "bf16" else 4
-        rows.append(("teacher weights (frozen)", n_wan * teacher_bytes))
-        if work.has_fake_score:
-            rows.append(("fake score weights+grads", n_wan * 8))
-            rows.append((f"fake score AdamW (/{shard})", n_wan * 8 / shard))
-            local_disc = [i for i in work.disc_layers if blocks[0] <= i < blocks[1]]
-            if work.disc_layers and local_disc:
-                n_disc = work.disc_params * len(local_disc) // len(work.disc_layers)
-                rows.append(("discriminator heads (weights, grads, AdamW)", n_disc * 16))
-        rows.append(("activations (peak)", _activation_bytes(cfg, lay, work, blocks, last)))
-        total = sum(b for _, b in rows)
-        if worst is None or total > worst[0]:
-            worst = (total, rows, s)
-    total, rows, s = worst
-    plan.rows = [(f"[stage {s}] {name}", b / GiB) for name, b in rows]
-    plan.total_gib = total / GiB
-    plan.comm = communication(cfg, lay, work)
-    if device_memory_gib and plan.total_gib > device_memory_gib:
-        plan.problems.append(
-            f"estimated {plan.total_gib:.1f} GiB per rank exceeds the {device_memory_gib:g} GiB device: raise tp or pp, "
-            f"enable activation_checkpointing, shard the optimizer (zero1), or lower micro_batch"
-        )
-    return plan
-
-
-def _activation_bytes(cfg, lay, work, blocks, last) -> float:
-    tokens_total = _tokens(cfg, work.latent)
-    local = math.ceil(tokens_total / lay.cp)
-    per_block = block_saved_bytes(cfg, local, work.compute_dtype, lay.tp if lay.sequence_parallel else 1) * lay.micro_batch
-    act_bytes = 2 if work.compute_dtype == "bf16" else 4
-    n_blocks = blocks[1] - blocks[0]
-    # Graphs alive at once: the student (N inner flow-head passes over the head blocks on the last stage) and,
-    # for the generator step, the teacher's path to the last discriminator layer.
-    rollout = (work.inner_steps - 1) * work.head_blocks if (work.method == "tmd" and last) else 0
-    graphs = n_blocks + rollout + (n_blocks if work.has_fake_score else 0)
-    in_flight = lay.pp if lay.pp > 1 else 1
-    if lay.activation_checkpointing:
-        resid = local * cfg.dim * 4 * lay.micro_batch / (lay.tp if lay.sequence_parallel else 1)
-        return in_flight * graphs * resid + per_block
-    return in_flight * graphs * per_block + 0 * act_bytes
-
-
-def communication(cfg: WanConfig, lay: Layout, work: Workload) -> list[tuple[str, float]]:
-    """Bytes per optimizer step per rank for one forward+backward of one model (see docs/parallel.md)."""
-    b = 2 if work.compute_dtype == "bf16" else 4
-    samples = lay.micro_batch * lay.microbatches
-    tokens = math.ceil(_tokens(cfg, work.latent) / lay.cp)
-    blocks = math.ceil(cfg.num_layers / lay.pp)
-    out = []
-    if lay.tp > 1:
-        act = samples * tokens * cfg.dim * b * (lay.tp - 1) / lay.tp
-        # per block: 3 gathers + 3 reduce-scatters (SP) or 3 all-reduces (no SP), forward and backward
-        per_block = 12 * act if lay.sequence_parallel else 12 * act
-        out.append(("tensor parallel (per model fwd+bwd)", blocks * per_block / GiB))
-    if lay.cp > 1:
-        kv = samples * tokens * cfg.dim // lay.tp * b * 2
-        if lay.cp_mode == "ring":
-            out.append(("context parallel ring (per model fwd+bwd)", blocks * kv * (lay.cp - 1) * 3 / GiB))
-        else:
-            qkvo = samples * tokens * cfg.dim // lay.tp * b * 4 * (lay.cp - 1) / lay.cp
-            out.append(("context parallel Ulysses (per model fwd+bwd)", blocks * 2 * qkvo / GiB))
-    if lay.dp * lay.cp > 1:
-        n = stage_params(cfg, lay.tp, (0, blocks), True, True)
-        g = lay.dp * lay.cp
-        grad = n * 4 * (g - 1) / g
-        out.append(("data parallel grads (+ZeRO-1 param gather), student", (2 * grad if lay.zero1 else 2 * grad) / GiB))
-    if lay.pp > 1:
-        out.append(("pipeline p2p (per model fwd+bwd)",
-                    samples * 2 * tokens * cfg.dim * 4 / (lay.tp if lay.sequence_parallel else 1) / GiB))
-    return out
-
-
 # ---- recipes ------------------------------------------------------------------------------------------------
 def layout_of(res, world: int) -> Layout:
     p, d = res.raw.parallel, res.raw.data
     dp = max(1, world // (p.tp * p.cp * p.pp)) if world % (p.tp * p.cp * p.pp) == 0 else 1
     local = d.global_batch // dp if d.global_batch % dp == 0 else d.global_batch
-    micro = max(1, local // p.microbatches) if local % p.microbatches == 0 else 1
+    m = num_microbatches(res, dp)
+    micro = max(1, local // m) if local % m == 0 else 1
     return Layout(world=world, tp=p.tp, cp=p.cp, pp=p.pp, sequence_parallel=p.sequence_parallel, cp_mode=p.cp_comm,
-                  micro_batch=micro, microbatches=p.microbatches, zero1=p.zero1,
+                  micro_batch=micro, microbatches=m, zero1=p.zero1,
                   activation_checkpointing=p.activation_checkpointing)
 
 
@@ -357,4 +212,111 @@ def check_recipe(res, world: int, device_memory_gib: float | None = None) -> lis
         problems.append("method=tmd (stage 2) starts from the stage-1 student: set model.init=<stage-1 out_dir>/export")
     if r.method.name != "flow_matching" and r.model.teacher is None:
         problems.append(f"method={r.method.name} needs a teacher checkpoint: set model.teacher=<dir>")
+    if not problems:
+        from .config import RecipeError
+        from .roles import stage_ranges
+
+        try:
+            stage_ranges(res, r.parallel.pp)
+        except RecipeError as err:
+            problems.append(str(err))
     return problems
+
+
+# ---- estimates -------------------------------------------------------------------------------------------
+def _graph_blocks(res, span: tuple[int, int], last: bool) -> int:
+    """Blocks whose activations one pass keeps on this stage at once (the largest pass of the step)."""
+    n = span[1] - span[0]
+    if res.method == "tmd" and last:  # the rollout keeps N flow-head passes
+        head = res.student.flow_head_blocks
+        return n + (res.dmd2v.inner_steps - 1) * head
+    return n
+
+
+def _activation_bytes(res, lay: Layout, span, last: bool, stage: int) -> float:
+    cfg = res.wan
+    tokens = math.ceil(_tokens(cfg, tuple(res.raw.data.latent)) / lay.cp)
+    sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    dtype = res.raw.model.compute_dtype
+    per_block = block_saved_bytes(cfg, tokens, dtype, lay.tp) * lay.micro_batch
+    in_flight = min(lay.pp - stage, lay.microbatches) if res.raw.parallel.schedule == "1f1b" else lay.microbatches
+    blocks = _graph_blocks(res, span, last)
+    if lay.activation_checkpointing:
+        kept = lay.micro_batch * tokens * cfg.dim * 4 / sp  # the fp32 residual entering each block
+        return in_flight * blocks * kept + per_block
+    return in_flight * blocks * per_block
+
+
+def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan:
+    """Validation and the per-rank estimate of the worst pipeline stage (rows in GiB)."""
+    from .roles import meta_roles, stage_ranges
+
+    plan = Plan(problems=check_recipe(res, world))
+    if plan.problems:
+        return plan
+    lay = layout_of(res, world)
+    bf16 = res.raw.model.compute_dtype == "bf16"
+    shard = lay.dp * lay.cp if lay.zero1 else 1
+    plan.stage_blocks = stage_ranges(res, lay.pp)
+    worst = None
+    for stage, span in enumerate(plan.stage_blocks):
+        rank = stage * lay.tp * lay.cp * lay.dp
+        roles = meta_roles(res, Topology.virtual(lay.tp, lay.cp, lay.pp, lay.dp, rank))
+        count = {k: sum(p.numel() for p in m.parameters()) for k, m in roles.items()}
+        rows = []
+        for role in ("student", "fake", "disc"):
+            if role in count:
+                rows.append((f"{role}: weights + gradients (fp32)", count[role] * 8))
+                rows.append((f"{role}: master + AdamW moments (fp32, /{shard} ZeRO-1)", count[role] * 12 / shard))
+        if res.raw.optim.ema_decay > 0:
+            rows.append(("student EMA (fp32)", count["student"] * 4))
+        if "teacher" in count:
+            rows.append(("teacher weights (frozen)", count["teacher"] * (2 if res.raw.model.teacher_dtype == "bf16" else 4)))
+        if bf16:
+            rows.append(("autocast bf16 weight copies (largest model run)", max(count["student"], count.get("fake", 0)) * 2))
+        rows.append(("activations (largest pass)", _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)))
+        total = sum(b for _, b in rows)
+        if worst is None or total > worst[0]:
+            worst = (total, rows, stage, count)
+    total, rows, stage, count = worst
+    plan.rows = [(name, b / GiB) for name, b in rows]
+    plan.total_gib = total / GiB
+    plan.worst_stage = stage
+    plan.comm = _comm_rows(res, lay, count)
+    if device_memory_gib and plan.total_gib > device_memory_gib:
+        plan.problems.append(
+            f"estimated {plan.total_gib:.1f} GiB on pipeline stage {stage} exceeds the {device_memory_gib:g} GiB device: "
+            "raise parallel.tp or parallel.pp, enable parallel.activation_checkpointing, keep parallel.zero1=true, "
+            "or lower the per-rank batch (more DP ranks or microbatches)")
+    return plan
+
+
+def _comm_rows(res, lay: Layout, count: dict) -> list[tuple[str, float]]:
+    """GiB moved per training iteration by this rank (first stage), by pass kind and collective group."""
+    cfg, e = res.wan, 2 if res.raw.model.compute_dtype == "bf16" else 4
+    b, m = lay.micro_batch, lay.microbatches
+    from .roles import stage_ranges
+
+    blocks = range(*stage_ranges(res, lay.pp)[0])
+    common = dict(tp=lay.tp, cp=lay.cp, pp=lay.pp, pp_rank=0, blocks=blocks, sp=lay.sequence_parallel,
+                  cp_comm=lay.cp_mode, ac=lay.activation_checkpointing, e=e)
+    latent = tuple(res.raw.data.latent)[1:]
+    fwd = pipeline_comm(cfg, latent, b, m, backward=False, **common)
+    fwd_bwd = pipeline_comm(cfg, latent, b, m, **common)
+    passes = {"flow_matching": (0, 1), "kd": (0, 1), "tm_mf": (1, 1)}.get(res.method)
+    if passes is None:  # stage-2 iteration averaged over the student-update period
+        every = res.dmd2v.student_every
+        passes = (1 + 3 / every + 2, 2 / every + 1)  # fwd: student, (fake, teacher uncond, recompute) / every, disc x2
+    n_fwd, n_fwd_bwd = passes
+    totals: dict[str, float] = {}
+    for table, times in ((fwd, n_fwd), (fwd_bwd, n_fwd_bwd)):
+        for (op, group), (_, nbytes) in table.items():
+            totals[group] = totals.get(group, 0.0) + times * nbytes
+    if lay.dp * lay.cp > 1:
+        for role in ("student", "fake", "disc"):
+            if role in count:
+                red, step = zero_comm([count[role]], tp=lay.tp, dp_cp=lay.dp * lay.cp, tp_partial_numel=0)
+                for table in (red, step):
+                    for (op, group), (_, nbytes) in table.items():
+                        totals[group] = totals.get(group, 0.0) + nbytes
+    return [(f"{group} group", v / GiB) for group, v in sorted(totals.items())]

@@ -76,8 +76,8 @@ def _dev(t, topo):
 
 # ---- teacher pretraining (flow matching) -------------------------------------------------------------------
 def flow_matching_step(s: Step) -> None:
-    gamma = s.res.raw.method.flow_matching.get("t_shift", 3.0)
-    p_drop = s.res.raw.method.flow_matching.get("cond_dropout", 0.1)
+    gamma = s.res.raw.method.flow_matching.t_shift
+    p_drop = s.res.raw.method.flow_matching.cond_dropout
     inputs, targets = [], []
     for mb, micro in enumerate(s.micro):
         gen = s.rng("flow_matching", mb)

@@ -147,10 +147,13 @@ def read_student_init(path, res: Resolved) -> Mapping:
     return WanCheckpoint(path)
 
 
-def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping, frozen_dtype=None):
+def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping | None, frozen_dtype=None):
+    """A Wan stage filled from `full`; full=None leaves it on the meta device (shapes only, for the planner)."""
     p = res.raw.parallel
     model = build_stage_model(cfg, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
                               attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
+    if full is None:
+        return model
     model.to_empty(device=topo.device)
     load_full_state(model, full, topo)
     model.activation_checkpointing = p.activation_checkpointing
@@ -160,8 +163,8 @@ def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapp
     return model
 
 
-def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping) -> DecoupledStudent:
-    """full: the student's single-device state (`wan.*` keys plus the extras)."""
+def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping | None) -> DecoupledStudent:
+    """full: the student's single-device state (`wan.*` keys plus the extras); None: meta device only."""
     p = res.raw.parallel
     wan = build_stage_model(res.wan, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
                             attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
@@ -178,7 +181,10 @@ def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping) -> Deco
         elif not span.first:
             cfg = res.wan
             student.head_patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
-            tied = {f"head_patch_embedding.{k}": full[f"wan.patch_embedding.{k}"] for k in ("weight", "bias")}
+            tied = {f"head_patch_embedding.{k}": full[f"wan.patch_embedding.{k}"] for k in ("weight", "bias")} \
+                if full is not None else {}
+    if full is None:
+        return student
     student.to_empty(device=topo.device)
     load_full_state(student, Prefixed(full, "", tied), topo)
     wan.activation_checkpointing = p.activation_checkpointing
@@ -234,3 +240,20 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
                 disc.to(topo.device)
     return Roles(topo, ranges, student, teacher, fake, disc, layers)
 
+
+
+def meta_roles(res: Resolved, topo: Topology) -> dict[str, nn.Module]:
+    """The modules `build_roles` would give this (possibly virtual) rank, on the meta device: exact shapes."""
+    ranges = stage_ranges(res, topo.pp.size)
+    out = {"teacher": _build_wan(res.wan, topo, res, ranges, None)} if res.method != "flow_matching" else {}
+    out["student"] = (_build_student(res, topo, ranges, None) if res.student is not None
+                      else _build_wan(res.wan, topo, res, ranges, None))
+    if res.method in ("dmd2v", "tmd"):
+        out["fake"] = _build_wan(res.wan, topo, res, ranges, None)
+        cfg = res.dmd2v
+        start, end = ranges[topo.pp.rank]
+        local = tuple(i for i in cfg.disc_layers if start <= i < end)
+        if cfg.gan_weight > 0 and local:
+            with torch.device("meta"):
+                out["disc"] = Discriminator(res.wan.dim, local, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+    return out

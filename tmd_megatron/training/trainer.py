@@ -7,6 +7,7 @@ Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-re
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -22,12 +23,13 @@ from tmd_megatron.algorithms.timesteps import is_student_step
 from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state, transfer
 
 from . import checkpoint as ckpt
-from .config import RecipeError, Resolved
+from .config import RecipeError, Resolved, num_microbatches
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
 from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_mf_step
 from .roles import Roles, build_roles
+from .sampling import SAMPLER_JSON, sampler_config_of
 from .state import TIED, ZeroState, device_mesh, ema_state, module_state
 
 REQUEUE_EXIT = 75
@@ -56,9 +58,10 @@ def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
     if d.global_batch % dp:
         raise RecipeError(f"data.global_batch={d.global_batch} is not divisible by the {dp} data-parallel ranks")
     local = d.global_batch // dp
-    if local % res.raw.parallel.microbatches:
-        raise RecipeError(f"the per-rank batch {local} is not divisible by parallel.microbatches="
-                          f"{res.raw.parallel.microbatches}")
+    m = num_microbatches(res, dp)
+    if local % m:
+        raise RecipeError(f"the per-rank batch {local} is not divisible into {m} microbatches: change "
+                          "parallel.microbatches / parallel.micro_batch_size or data.global_batch")
     if d.source == "synthetic":
         from tmd_megatron.data.synthetic import SyntheticTask
 
@@ -90,7 +93,8 @@ class Trainer:
         run = res.raw.run
         self.out = Path(run.out_dir)
         self.roles = roles or build_roles(res, topo)
-        self.passes = Passes(topo, res.raw.parallel.microbatches, res.raw.parallel.schedule, _autocast_dtype(res))
+        self.microbatches = num_microbatches(res, topo.dp.size)
+        self.passes = Passes(topo, self.microbatches, res.raw.parallel.schedule, _autocast_dtype(res))
         o = res.raw.optim
         lrs = {"student": res.lr, "fake": res.lr_fake, "disc": res.lr_disc}
         self.optims = {}
@@ -200,7 +204,7 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def micro_batches(self, batch: dict) -> list[Micro]:
-        m = self.res.raw.parallel.microbatches
+        m = self.microbatches
         dev = self.topo.device
         x, ctx, idx = batch["latent"].float(), batch["context"].float(), batch["index"]
         noise = batch.get("noise")
@@ -263,7 +267,8 @@ class Trainer:
 
     def advance(self) -> dict:
         """One training step on the next batch."""
-        metrics = self.train_step(next(self.batches))
+        self.last_batch = next(self.batches)
+        metrics = self.train_step(self.last_batch)
         self.step += 1
         return metrics
 
@@ -323,10 +328,44 @@ class Trainer:
                 raise Preempted(f"stopped by a signal at step {self.step}; checkpoint written")
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < self.res.max_steps:
                 self.save()
+            if run.sample_every and self.step % run.sample_every == 0:
+                self.preview()
         self.save()
         self.export()
         self.logger.close()
         return 0
+
+    @torch.no_grad()
+    def preview(self) -> None:
+        """A few samples from the current student for the first prompts of the current batch, written to
+        <out_dir>/samples/step_X (latents, and mp4 previews for the synthetic task). Not under pipeline
+        parallelism (the samplers call whole models)."""
+        if self.topo.pp.size > 1:
+            if not getattr(self, "_preview_skipped", False) and self.topo.world.rank == 0:
+                print("run.sample_every: previews are skipped under pipeline parallelism", flush=True)
+            self._preview_skipped = True
+            return
+        from .sampling import sample
+
+        kind = {"tm_mf": "tmd", "tmd": "tmd", "flow_matching": "teacher"}.get(self.res.method, "dmd2v")
+        ctx = self.last_batch["context"][: self.res.raw.run.num_samples].float().to(self.topo.device)
+        latent = tuple(self.last_batch["latent"].shape[1:])
+        module = self.roles.student
+        module.eval()
+        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step)
+        module.train()
+        if self.topo.dp.rank == 0 and self.topo.tp.rank == 0 and self.topo.cp.rank == 0:
+            folder = self.out / "samples" / f"step_{self.step:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"latents": x.cpu(), "prompts": self.last_batch.get("prompt", [])[: len(x)], "nfe": nfe},
+                       folder / "latents.pt")
+            if self.res.raw.data.source == "synthetic":
+                from tmd_megatron.cli.sample import _write_mp4
+                from tmd_megatron.data.synthetic import SyntheticTask
+
+                videos = SyntheticTask(text_dim=self.res.wan.text_dim).decode_latent(x.cpu())
+                for i, v in enumerate(videos):
+                    _write_mp4(folder / f"{i}.mp4", v)
 
     def export(self) -> Path:
         """The trained student (EMA weights if enabled) as a single-device checkpoint in <out_dir>/export."""
@@ -346,6 +385,7 @@ class Trainer:
         out = self.out / "export"
         if self.topo.world.rank == 0:
             write_export(out, self.res.wan, full, self.res.student)
+            (out / SAMPLER_JSON).write_text(json.dumps(dataclasses.asdict(sampler_config_of(self.res)), indent=2))
             (self.out / "export_info.json").write_text(json.dumps({"step": self.step, "method": self.res.method}))
         if dist.is_initialized():
             dist.barrier()

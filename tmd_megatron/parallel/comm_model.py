@@ -1,5 +1,6 @@
 """Analytic communication per step of the parallel Wan (docs/parallel.md, "Communication"), written from the
-layer definitions, independently of the counter. Keys: (op, group) -> (calls, bytes) on one rank.
+layer definitions, independently of the counter (the tests compare the two; the planner uses this model).
+Keys: (op, group) -> (calls, bytes) on one rank.
 
 Symbols per microbatch: b samples, L tokens, S = cp*(tp if SP) shards, L_p = ceil(L/S)*S, L_c = L_p/cp (the
 chunk attention sees), L_s = L_p/S (the residual shard), D model dim, D_l = D/tp, T text length,
@@ -27,9 +28,9 @@ class Tally:
 
 def pipeline_comm(
     cfg, latent, b, m, *, tp, cp, pp, pp_rank, blocks, sp, cp_comm, ac=False, hidden_block=None, x_grad=True,
-    e=4,
+    e=4, backward=True,
 ) -> dict:
-    """Forward + backward of m microbatches through this rank's stage (run_pipeline + WanStage)."""
+    """Forward (+ backward) of m microbatches through this rank's stage (run_pipeline + WanStage)."""
     grid = tuple(n // p for n, p in zip(latent, cfg.patch_size))
     L = math.prod(grid)
     sp = sp and tp > 1
@@ -80,25 +81,28 @@ def pipeline_comm(
     group = "tp_cp" if sp else "cp"
     for _ in range(m):
         for _ in blocks:
-            for _ in range(2 if ac else 1):  # activation checkpointing recomputes the block forward
+            for _ in range(2 if ac and backward else 1):  # activation checkpointing recomputes the forward
                 block_forward()
-            block_backward()
+            if backward:
+                block_backward()
         if S > 1:
             if last:
                 t.add("all_gather", group, 1, b * Lp * P * e)  # merge the head output
             if hidden_block is not None and hidden_block in blocks:
                 t.add("all_gather", group, 1, b * Lp * D * e)  # merge the captured hidden state
-            if first and x_grad:
+            if first and x_grad and backward:
                 t.add("all_reduce", group, 1, b * cfg.in_dim * math.prod(latent) * e)  # input gradient
         if pp > 1:
             boundary = [b * Ls * D * e, b * T * D * e, b * D * e, b * 6 * D * e]
             for nbytes in boundary:
                 if not last:
                     t.add("send", "pp", 1, nbytes)  # activations forward
-                    t.add("recv", "pp", 1, nbytes)  # their gradients back
+                    if backward:
+                        t.add("recv", "pp", 1, nbytes)  # their gradients back
                 if not first:
                     t.add("recv", "pp", 1, nbytes)
-                    t.add("send", "pp", 1, nbytes)
+                    if backward:
+                        t.add("send", "pp", 1, nbytes)
     return t.table()
 
 

@@ -1,0 +1,50 @@
+"""tmd-plan: validate a recipe for a world size and print per-rank memory and traffic estimates.
+
+    tmd-plan wan14b_tmd_n4h5_m1 --world 64 --device-memory 80 model.init=/ckpt/stage1/export
+
+Exit 0 when the layout is valid (and fits, if --device-memory is given), 2 otherwise; nothing is started.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tmd_megatron.training.config import RecipeError, compose, resolve
+    from tmd_megatron.training.plan import plan_recipe
+
+    p = argparse.ArgumentParser(prog="tmd-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="experiment name (recipes/experiment/<name>.yaml)")
+    p.add_argument("overrides", nargs="*", help="hydra overrides, as for tmd-train")
+    p.add_argument("--world", type=int, required=True, help="number of processes (nodes x GPUs per node)")
+    p.add_argument("--device-memory", type=float, default=None, help="GiB per device; refuse what does not fit")
+    args = p.parse_args(argv)
+    try:
+        res = resolve(compose([f"experiment={args.recipe}", *args.overrides]))
+        plan = plan_recipe(res, args.world, args.device_memory)
+    except (RecipeError, ValueError, HydraException, OmegaConfBaseException) as err:
+        print(f"tmd-plan: {err}", file=sys.stderr)
+        return 2
+    if plan.rows:
+        r = res.raw.parallel
+        dp = args.world // (r.tp * r.cp * r.pp)
+        print(f"{args.recipe} ({res.method}) on {args.world} ranks: DP{dp} x PP{r.pp} x CP{r.cp} x TP{r.tp}, "
+              f"stages {plan.stage_blocks}")
+        print(f"per rank, pipeline stage {plan.worst_stage} (the largest):")
+        for name, gib in plan.rows:
+            print(f"  {name:<58} {gib:9.2f} GiB")
+        print(f"  {'total':<58} {plan.total_gib:9.2f} GiB")
+        print("traffic per iteration per rank (first stage):")
+        for name, gib in plan.comm:
+            print(f"  {name:<58} {gib:9.2f} GiB")
+    for problem in plan.problems:
+        print(f"refused: {problem}", file=sys.stderr)
+    return 2 if plan.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

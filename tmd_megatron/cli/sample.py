@@ -1,0 +1,117 @@
+"""tmd-sample: prompts -> latents -> videos with a trained model.
+
+    tmd-sample runs/s2/export --prompts "a red circle moving left" --synthetic --out samples/
+    tmd-sample /ckpt/tmd14b/export --prompts-file prompts.txt --umt5 /ckpt/umt5-xxl --tokenizer /ckpt/umt5 \\
+               --vae /ckpt/Wan2.1-T2V-14B-Diffusers/vae --latent 16,21,60,104 --out samples/
+
+The model directory is a TMD student export (student.json: Algorithm 1) or a Wan checkpoint (--sampler dmd2v for a
+DMD2-v student, teacher for a teacher with 50-step CFG Euler). Latents are written as .pt; with --vae they are
+decoded by diffusers' Wan VAE to mp4 (PyAV); with --synthetic the synthetic task's exact decoder gives a preview.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _write_mp4(path: Path, video_3_F_H_W: torch.Tensor, fps: int = 16) -> None:
+    import av
+    import numpy as np
+
+    frames = ((video_3_F_H_W.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    scale = max(1, 256 // max(frames.shape[1:3]))  # tiny previews: upscale so players show them
+    frames = np.repeat(np.repeat(frames, scale, 1), scale, 2)
+    h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def main(argv=None) -> int:
+    from tmd_megatron.training.export import STUDENT_JSON, load_student
+    from tmd_megatron.training.sampling import SAMPLER_JSON, SamplerConfig, sample
+
+    p = argparse.ArgumentParser(prog="tmd-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="TMD student export or Wan checkpoint directory")
+    p.add_argument("--prompts", nargs="*", default=[])
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--sampler", choices=["tmd", "dmd2v", "teacher"], help="default: tmd for a student export, else dmd2v")
+    p.add_argument("--outer-steps", type=int, help="M (default: what the student was distilled for)")
+    p.add_argument("--inner-steps", type=int, help="N (default: what the student was distilled for)")
+    p.add_argument("--teacher-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--latent", default=None, help="C,F,H,W (default: the synthetic task's, or 16,21,60,104)")
+    p.add_argument("--synthetic", action="store_true", help="encode prompts and decode latents with the synthetic task")
+    p.add_argument("--umt5", help="umT5 encoder directory (transformers) for real prompts")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --umt5)")
+    p.add_argument("--vae", help="diffusers AutoencoderKLWan directory: decode to mp4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    prompts = list(a.prompts) + (Path(a.prompts_file).read_text().splitlines() if a.prompts_file else [])
+    prompts = [q for q in prompts if q.strip()]
+    if not prompts:
+        p.error("give --prompts or --prompts-file")
+    if not (a.synthetic or a.umt5):
+        p.error("choose a text encoder: --synthetic (the synthetic task) or --umt5 <dir>")
+    model_dir = Path(a.model)
+    is_student = (model_dir / STUDENT_JSON).exists()
+    kind = a.sampler or ("tmd" if is_student else "dmd2v")
+    if kind == "tmd" and not is_student:
+        p.error(f"{model_dir} has no {STUDENT_JSON}: it is not a TMD student export (use --sampler dmd2v/teacher)")
+    from tmd_megatron.models.wan import WanModel
+
+    model = load_student(model_dir) if is_student else WanModel.from_pretrained(model_dir)
+    model.eval()
+    task = None
+    if a.synthetic:
+        from tmd_megatron.data.synthetic import SyntheticTask
+
+        wan = model.wan if is_student else model
+        task = SyntheticTask(text_dim=wan.config.text_dim)
+        contexts, negative = task.encode_prompts(prompts), task.encode_text("")
+    else:
+        from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT, PromptEncoder
+
+        enc = PromptEncoder.from_pretrained(a.umt5, a.tokenizer or a.umt5)
+        contexts, negative = enc(prompts), enc([WAN_NEGATIVE_PROMPT])[0]
+    width = max(c.shape[0] for c in contexts)
+    ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float()
+    latent = tuple(int(v) for v in a.latent.split(",")) if a.latent else (task.latent_shape if task else (16, 21, 60, 104))
+    trained = model_dir / SAMPLER_JSON
+    cfg = SamplerConfig(**json.loads(trained.read_text())) if trained.exists() else SamplerConfig()
+    chosen = {"outer_steps": a.outer_steps, "inner_steps": a.inner_steps}
+    cfg = dataclasses.replace(cfg, teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale,
+                              **{k: v for k, v in chosen.items() if v is not None})
+    x, nfe = sample(kind, model, ctx, negative.float(), latent, cfg, a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    videos = None
+    if a.vae:
+        from tmd_megatron.data.preprocess import WanVAE
+
+        videos = WanVAE.from_pretrained(a.vae).decode(x)
+    elif task is not None:
+        videos = task.decode_latent(x)
+    for i, prompt in enumerate(prompts):
+        torch.save({"latent": x[i].clone(), "prompt": prompt, "sampler": kind, "effective_nfe": nfe}, out / f"{i:04d}.pt")
+        if videos is not None:
+            _write_mp4(out / f"{i:04d}.mp4", videos[i])
+    print(f"{len(prompts)} samples with the {kind} sampler (M={cfg.outer_steps}, N={cfg.inner_steps}), "
+          f"effective NFE {nfe:.2f} (measured), written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,8 +142,8 @@ def _pipeline_cases(smoke: bool):
         over = ["experiment=tiny_smoke", "parallel.pp=2", f"parallel.microbatches={m}", f"data.global_batch={2 * m}",
                 "data.synthetic.num_samples=32", "run.max_steps=100"]
         if not smoke:
-            over += [f"+model.overrides.{k}={v}" for k, v in PIPE_MODEL.items()]
-            over += ["data.synthetic.size=32", "data.latent=[16,3,16,16]"]
+            over += [f"++model.overrides.{k}={v}" for k, v in PIPE_MODEL.items()]
+            over += ["++data.synthetic.size=32", "data.latent=[16,3,16,16]"]
         cases.append((m, ("pipeline", {"overrides": over, "steps": 1 if smoke else 4})))
     return cases
 
@@ -176,14 +176,14 @@ def _memory_recipe(extra: list[str], smoke: bool) -> list[str]:
     over = ["experiment=tiny_smoke", "data.global_batch=4", "data.synthetic.num_samples=16", "run.max_steps=100",
             "parallel.microbatches=1", *extra]
     if not smoke:
-        over += [f"+model.overrides.{k}={v}" for k, v in MEM_MODEL.items()]
-        over += ["data.synthetic.size=32", "data.latent=[16,3,16,16]"]
+        over += [f"++model.overrides.{k}={v}" for k, v in MEM_MODEL.items()]
+        over += ["++data.synthetic.size=32", "data.latent=[16,3,16,16]"]
     return over
 
 
 def memory_table(results: dict, smoke: bool) -> str:
     from tmd_megatron.training.config import compose, resolve
-    from tmd_megatron.training.plan import estimate, layout_of, workload_of
+    from tmd_megatron.training.plan import plan_recipe
 
     out = ["TMD stage-2 steps of the real trainer (whole trio; dim 512, FFN 2048, 8 heads, 4 blocks, 192 video "
            "tokens, 4 samples per step, fp32, no activation checkpointing), 3 steps (two generator steps). "
@@ -195,7 +195,9 @@ def memory_table(results: dict, smoke: bool) -> str:
     for name, per_rank in results.items():
         world = len(per_rank)
         res = resolve(compose(_memory_recipe(MEM_LAYOUTS[name][1], smoke)))
-        plan = estimate(res.wan, layout_of(res, world), workload_of(res))
+        plan = plan_recipe(res, world)
+        if plan.problems:
+            raise ValueError(f"the planner refuses the {name} recipe: {plan.problems}")
         est = plan.total_gib * 2**30
         for r in per_rank:
             out.append(f"| {name} | {r['rank']} ({r['stage']}) | {_mib(est)} | {_mib(r['peak_above_baseline'])} | "

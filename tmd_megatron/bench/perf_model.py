@@ -82,10 +82,11 @@ def fd_vs_exact_jvp(smoke: bool = False) -> dict:
 
 
 def sampling_cost(reps: int, smoke: bool = False) -> list[dict]:
-    """Measured block evaluations (BlockCounter) and time per sample of each sampler vs Eq. 16's effective NFE."""
-    from tmd_megatron.algorithms import BlockCounter, dmd2v_sample, effective_nfe, teacher_euler_sample, tmd_sample
-    from tmd_megatron.algorithms.timesteps import student_grid, wan_sampling_grid
+    """Each sampler of `tmd-sample` (training/sampling.sample): the effective NFE it measures by counting block
+    evaluations, Eq. 16's value, and its time per sample."""
+    from tmd_megatron.algorithms import effective_nfe
     from tmd_megatron.models.student import DecoupledStudent, StudentConfig
+    from tmd_megatron.training.sampling import SamplerConfig, sample
 
     if smoke:
         cfg, latent, batch, head, teacher_steps = WanConfig.preset("tiny"), (16, 2, 4, 4), 1, 1, 3
@@ -97,29 +98,20 @@ def sampling_cost(reps: int, smoke: bool = False) -> list[dict]:
     teacher.init_weights()
     with torch.no_grad():
         teacher.head.head.weight.normal_(0, 0.02)
-    students = {h: DecoupledStudent.from_teacher(teacher, StudentConfig(flow_head_blocks=h)).eval() for h in (head,)}
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(batch, *latent, generator=g)
-    ctx = torch.randn(batch, 8, cfg.text_dim, generator=g)
+    student = DecoupledStudent.from_teacher(teacher, StudentConfig(flow_head_blocks=head)).eval()
+    ctx = torch.randn(batch, 8, cfg.text_dim, generator=torch.Generator().manual_seed(0))
     neg = torch.zeros(1, cfg.text_dim)
     L = cfg.num_layers
-    cases = [(f"teacher Euler {teacher_steps}x2 (CFG)", teacher, 2.0 * teacher_steps,
-              lambda: teacher_euler_sample(teacher, noise, ctx, wan_sampling_grid(teacher_steps, 3.0), neg, 5.0))]
+    cases = {f"teacher Euler {teacher_steps}x2 (CFG)": ("teacher", teacher, SamplerConfig(teacher_steps=teacher_steps),
+                                                       2.0 * teacher_steps)}
     for m in (1, 2, 4):
-        cases.append((f"DMD2-v M={m}", teacher, float(effective_nfe(m, 1, 0, L)),
-                      lambda m=m: dmd2v_sample(teacher, noise, ctx, student_grid(m, 10.0))))
+        cases[f"DMD2-v M={m}"] = ("dmd2v", teacher, SamplerConfig(outer_steps=m), effective_nfe(m, 1, 0, L))
     for m in (1, 2):
         for n in (2, 4):
-            s = students[head]
-            cases.append((f"TMD M={m} N={n} H={head}", s.wan, effective_nfe(m, n, head, L),
-                          lambda m=m, n=n, s=s: tmd_sample(s, noise, ctx, student_grid(m, 10.0), student_grid(n, 10.0),
-                                                           torch.Generator().manual_seed(1))))
-    rows = []
-    for name, wan, nfe, fn in cases:
-        with BlockCounter(wan) as counter, torch.no_grad():
-            fn()
-        rows.append({"sampler": name, "nfe": nfe, "measured_nfe": counter.nfe()})
-    times = interleaved({name: fn for name, _, _, fn in cases}, reps)
-    for row in rows:
-        row["time_per_sample"] = times[row["sampler"]]["wall"] / batch
-    return rows
+            cases[f"TMD M={m} N={n} H={head}"] = ("tmd", student, SamplerConfig(outer_steps=m, inner_steps=n),
+                                                  effective_nfe(m, n, head, L))
+    measured = {name: sample(kind, model, ctx, neg, latent, sc)[1] for name, (kind, model, sc, _) in cases.items()}
+    times = interleaved({name: (lambda k=kind, mod=model, sc=sc: sample(k, mod, ctx, neg, latent, sc))
+                         for name, (kind, model, sc, _) in cases.items()}, reps, warmup=0)
+    return [{"sampler": name, "nfe": nfe, "measured_nfe": measured[name], "time_per_sample": times[name]["wall"] / batch}
+            for name, (_, _, _, nfe) in cases.items()]

@@ -40,12 +40,15 @@ BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 @dataclass(frozen=True)
 class QualityConfig:
-    model: dict = field(default_factory=lambda: {"dim": 128, "ffn_dim": 256, "num_heads": 4, "num_layers": 4,
-                                                 "text_len": 16, "patch_size": [1, 1, 1]})
+    # Temporal patch 3: a token holds all 3 frames of a 4x4-pixel patch, so motion is local to the patch
+    # embedding and the output head; with Wan's (1, 2, 2) a 2-pixel step is half a token and motion stayed at
+    # chance after 2000 steps (docs/benchmarks.md). 16 tokens, 2.2M parameters.
+    model: dict = field(default_factory=lambda: {"dim": 192, "ffn_dim": 384, "num_heads": 4, "num_layers": 4,
+                                                 "text_len": 16, "patch_size": [3, 2, 2]})
     frames: int = 3
     size: int = 16
     train_clips: int = 8192
-    teacher_steps: int = 3000
+    teacher_steps: int = 6000
     teacher_lr: float = 1e-3
     teacher_batch: int = 32
     guidance: float = 3.0  # CFG of the teacher everywhere: its 50x2 sampler, KD pairs, DMD2-v/TMD VSD, TM-MF
@@ -83,12 +86,12 @@ def method_name(method: tuple) -> str:
 
 # ---- runs (in worker processes) ---------------------------------------------------------------------------
 def _init_worker() -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one worker per core: oversubscribed OpenMP threads spin and slow everyone ~10x
 
 
 def _common(cfg: QualityConfig, out: Path, name: str, seed: int, steps: int) -> list[str]:
-    model = [f"++model.overrides.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.model.items()]
-    return ["model.preset=tiny", *model, f"++model.overrides.text_dim=32", "data.source=shards",
+    model = [f"++model.overrides.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in cfg.model.items()]
+    return ["model.preset=tiny", *model, "++model.overrides.text_dim=32", "data.source=shards",
             f"data.shards=[{out / 'data'}]", f"data.negative={out / 'negative.pt'}", f"data.global_batch={cfg.batch}",
             f"data.latent=[16,{cfg.frames},{cfg.size // 2},{cfg.size // 2}]", f"run.seed={seed}",
             f"run.out_dir={out / 'runs' / name}", f"run.max_steps={steps}", "run.tensorboard=false",
@@ -144,31 +147,23 @@ def eval_prompts(cfg: QualityConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([task.encode_text(s.prompt) for s in samples]), ids
 
 
-@torch.no_grad()
 def generate(cfg: QualityConfig, kind: str, path: str, seed: int, method: tuple | None = None) -> tuple[torch.Tensor, float]:
-    """Latents for the evaluation prompts from one generator, and its effective NFE."""
-    from tmd_megatron.algorithms import dmd2v_sample, effective_nfe, teacher_euler_sample, tmd_sample
-    from tmd_megatron.algorithms.config import DMD2vConfig
-    from tmd_megatron.algorithms.timesteps import student_grid, wan_sampling_grid
+    """Latents for the evaluation prompts from one generator (training/sampling.sample, the `tmd-sample` code:
+    the same noise for every generator at a seed), and its measured effective NFE."""
     from tmd_megatron.models.wan import WanModel
     from tmd_megatron.training.export import load_student
+    from tmd_megatron.training.sampling import SamplerConfig, sample
 
     task = _task(cfg)
     ctx, _ = eval_prompts(cfg)
-    noise = torch.randn(len(ctx), *task.latent_shape, generator=torch.Generator().manual_seed(10_000 + seed))
-    grid_cfg = DMD2vConfig()  # outer/inner shifts and t_max as in training (the recipes keep the defaults)
     if kind == "teacher":
-        teacher = WanModel.from_pretrained(path).eval()
-        grid = wan_sampling_grid(cfg.teacher_sampling_steps, cfg.sampling_shift)
-        x = teacher_euler_sample(teacher, noise, ctx, grid, task.encode_text(""), cfg.guidance)
-        return x, 2.0 * cfg.teacher_sampling_steps
-    outer = student_grid(method[1], grid_cfg.outer_shift, grid_cfg.t_max)
-    if kind == "dmd2v":
-        return dmd2v_sample(WanModel.from_pretrained(path).eval(), noise, ctx, outer), float(method[1])
-    student = load_student(path).eval()
-    inner = student_grid(method[2], grid_cfg.inner_shift, grid_cfg.t_max)
-    x = tmd_sample(student, noise, ctx, outer, inner, torch.Generator().manual_seed(20_000 + seed))
-    return x, effective_nfe(method[1], method[2], cfg.head_blocks, student.wan.config.num_layers)
+        model = WanModel.from_pretrained(path)
+        sampler = SamplerConfig(teacher_steps=cfg.teacher_sampling_steps, teacher_shift=cfg.sampling_shift,
+                                cfg_scale=cfg.guidance)
+    else:  # the grids the students were distilled for (the recipes keep the paper's shifts and t_max)
+        model = WanModel.from_pretrained(path) if kind == "dmd2v" else load_student(path)
+        sampler = SamplerConfig(outer_steps=method[1], inner_steps=method[2] if kind == "tmd" else 1)
+    return sample(kind, model.eval(), ctx, task.encode_text(""), task.latent_shape, sampler, seed=10_000 + seed)
 
 
 def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, method: tuple | None = None) -> dict:
@@ -221,7 +216,7 @@ class Job:
     fn: object
     args: tuple
     deps: tuple[str, ...] = ()
-    then: object = None  # callable(results) -> extra args appended when the deps are done
+    then: object = None  # callable(results) -> args appended once the deps are done (their outputs)
 
 
 def schedule(jobs: list[Job], workers: int, log) -> dict[str, dict]:
@@ -270,34 +265,32 @@ def prepare(cfg: QualityConfig, out: Path, log) -> dict:
 
 
 def run(cfg: QualityConfig, out: Path, log=print) -> dict:
+    """Data and classifier, then the teacher (this process, all its threads), then every distillation run and
+    evaluation on the worker pool (one thread each, so the cores are never oversubscribed)."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     real = prepare(cfg, out, log)
-    teacher_over = _common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
+    teacher_run = train_run(_common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
         "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100", "optim.schedule=cosine",
-        f"data.global_batch={cfg.teacher_batch}"]
-    jobs = [Job("teacher", train_run, (teacher_over,))]
-    teacher = lambda r: (r["teacher"]["export"],)  # noqa: E731
-    for rank in range(cfg.workers):
-        jobs.append(Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out), ("teacher",),
-                        lambda r, rank=rank: (r["teacher"]["export"], rank, cfg.workers)))
-    kd_deps = tuple(f"kd_pairs{rank}" for rank in range(cfg.workers))
+        f"data.global_batch={cfg.teacher_batch}"])
+    teacher = teacher_run["export"]
+    log(f"teacher trained in {teacher_run['wall']:.0f} s")
+    jobs = [Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out, teacher, rank, cfg.workers))
+            for rank in range(cfg.workers)]
+    kd_deps = tuple(job.name for job in jobs)
     for seed in cfg.seeds:
-        jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed), ("teacher",), teacher))
+        jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed, teacher)))
         for method in cfg.methods:
             key = f"{method_name(method)} s{seed}"
-            two_stage = method[0] == "tmd" or method[1] == 1
-            if two_stage:
-                deps = ("teacher",) + (kd_deps if method[0] == "dmd2v" else ())
-                jobs.append(Job(key + " stage1", distill, (cfg, out, method, seed, None), deps,
-                                lambda r: (r["teacher"]["export"], 1)))
-                jobs.append(Job(key, distill, (cfg, out, method, seed), (key + " stage1", "teacher"),
-                                lambda r, k=key: (r[k + " stage1"]["export"], r["teacher"]["export"], 2)))
+            if method[0] == "tmd" or method[1] == 1:  # two stages: TM-MF or KD first
+                deps = kd_deps if method[0] == "dmd2v" else ()
+                jobs.append(Job(key + " stage1", distill, (cfg, out, method, seed, None, teacher, 1), deps))
+                jobs.append(Job(key, distill, (cfg, out, method, seed), (key + " stage1",),
+                                lambda r, k=key: (r[k + " stage1"]["export"], teacher, 2)))
             else:
-                jobs.append(Job(key, distill, (cfg, out, method, seed, None), ("teacher",),
-                                lambda r: (r["teacher"]["export"], 2)))
+                jobs.append(Job(key, distill, (cfg, out, method, seed, None, teacher, 2)))
     results = schedule(jobs, cfg.workers, log)
-    summary = {"config": asdict(cfg), "real": real, "teacher_train": results["teacher"], "runs": {},
+    summary = {"config": asdict(cfg), "real": real, "teacher_train": teacher_run, "runs": {},
                "minutes": (time.time() - t_start) / 60}
     for seed in cfg.seeds:
         summary["runs"][f"Teacher (Euler {cfg.teacher_sampling_steps}x2, CFG {cfg.guidance:g}) s{seed}"] = \

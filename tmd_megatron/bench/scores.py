@@ -74,8 +74,8 @@ def train_classifier(task: SyntheticTask, num_clips: int = 8192, steps: int = 80
     opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
     for step in range(steps):
         idx = torch.randint(0, num_clips, (batch,), generator=g)
-        x = clips[idx] + noise_std * torch.rand(batch, 1, 1, 1, 1, generator=g) * torch.randn(clips[idx].shape,
-                                                                                              generator=g)
+        x = clips[idx]
+        x = x + noise_std * torch.rand(batch, 1, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
         logits = clf(x)
         loss = sum(F.cross_entropy(logits[n], ids[idx, k]) for k, n in enumerate(ATTRIBUTES))
         opt.zero_grad()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from tmd_megatron.algorithms.timesteps import is_student_step
-from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state, transfer
+from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 
 from . import checkpoint as ckpt
 from .config import RecipeError, Resolved, num_microbatches
@@ -31,6 +31,7 @@ from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_
 from .roles import Roles, build_roles
 from .sampling import SAMPLER_JSON, sampler_config_of
 from .state import TIED, ZeroState, device_mesh, ema_state, module_state
+from .tied import retie_weights, sum_tied_grads
 
 REQUEUE_EXIT = 75
 NO_DECAY = ("bias", "norm", "modulation", "gate_logit")
@@ -157,50 +158,8 @@ class Trainer:
         if self.ema is not None:
             for n, t in state["ema"].items():
                 self.ema.shadow[n].copy_(t.to_local() if hasattr(t, "to_local") else t)
-        self._retie_weights()
+        retie_weights(self.roles, self.res)
         return meta
-
-    # ---- tied patch embedding (flow head on the last stage) -----------------------------------------------------
-    def _tied_pair(self):
-        student = self.roles.student
-        if self.topo.pp.size == 1 or self.res.student is None:
-            return None
-        first = student.wan.patch_embedding if self.topo.is_first_stage else None
-        last = student.head_patch_embedding if self.topo.is_last_stage else None
-        return first, last
-
-    def _retie_weights(self) -> None:
-        pair = self._tied_pair()
-        if pair is None:
-            return
-        first, last = pair
-        shapes = [p for p in (first or last or self._placeholder_conv()).parameters()]
-        got = transfer([p.data for p in shapes] if first is not None else [torch.empty_like(p) for p in shapes],
-                       self.topo.pp, 0, self.topo.pp.size - 1)
-        if last is not None:
-            with torch.no_grad():
-                for p, v in zip(last.parameters(), got):
-                    p.copy_(v)
-
-    def _placeholder_conv(self):
-        cfg = self.res.wan
-        return torch.nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size, device=self.topo.device)
-
-    def _sum_tied_grads(self) -> None:
-        """The copy's gradient joins the patch embedding's on the first stage (one parameter, two uses)."""
-        pair = self._tied_pair()
-        if pair is None:
-            return
-        first, last = pair
-        shapes = list((first or last or self._placeholder_conv()).parameters())
-        grads = [p.grad if (last is not None and p.grad is not None) else torch.zeros_like(p) for p in shapes]
-        got = transfer(grads, self.topo.pp, self.topo.pp.size - 1, 0)
-        if first is not None:
-            for p, g in zip(first.parameters(), got):
-                p.grad = g.clone() if p.grad is None else p.grad + g
-        if last is not None:
-            for p in last.parameters():
-                p.grad = None
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def micro_batches(self, batch: dict) -> list[Micro]:
@@ -237,7 +196,7 @@ class Trainer:
             kd_step(s)
         else:
             stage2_step(s, generator="student" in updates)
-        self._sum_tied_grads()
+        sum_tied_grads(self.roles, self.res)
         metrics = self._reduce_metrics(s.metrics)
         norms = {}
         for role in updates:
@@ -258,7 +217,7 @@ class Trainer:
                     g["lr"] = self.base_lr[role] * factor
                 opt.step()
             if "student" in updates:
-                self._retie_weights()
+                retie_weights(self.roles, self.res)
                 if self.ema is not None:
                     self.ema.update(self.roles.student)
         for role, n in norms.items():

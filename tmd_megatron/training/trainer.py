@@ -37,6 +37,30 @@ REQUEUE_EXIT = 75
 NO_DECAY = ("bias", "norm", "modulation", "gate_logit")
 
 
+class NoLocalParameters:
+    """The optimizer of a role this pipeline stage holds no parameters of (e.g. discriminator heads that all sit
+    on other stages): it still joins the global gradient-norm reduction, so every rank runs the same collectives."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+    def zero_grad(self) -> None:
+        pass
+
+    def reduce_grads(self) -> None:
+        pass
+
+    def grad_norm(self) -> torch.Tensor:
+        return comm.all_reduce(torch.zeros((), dtype=torch.float64, device=self.topo.device), self.topo.world).sqrt()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return self.grad_norm()
+
+    def step(self) -> None:
+        pass
+
+
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the CLI exits with REQUEUE_EXIT."""
 
@@ -105,11 +129,15 @@ class Trainer:
             self.optims[role] = ZeroAdamW(module, topo, lr=lrs[role], betas=tuple(o.betas), eps=o.eps,
                                           weight_decay=o.weight_decay, no_decay=NO_DECAY, replicated=replicated,
                                           skip=skip)
+        if res.dmd2v is not None and res.dmd2v.gan_weight > 0 and "disc" not in self.optims:
+            self.optims["disc"] = NoLocalParameters(topo)
         self.base_lr = lrs
         self.ema = EMA(self.roles.student, o.ema_decay) if o.ema_decay > 0 else None
         self.guard = NonFiniteGuard(run.max_skipped_steps)
         self.step = 0
         self.mesh = device_mesh(topo)
+        cpu = device_mesh(topo, "cpu") if self.mesh is not None else None
+        self.tp_cpu_mesh = cpu["tp"] if cpu is not None else None
         self.stop_signal = False
         self.logger = MetricLogger(self.out, res.max_steps, enabled=topo.world.rank == 0,
                                    tensorboard=run.tensorboard, wandb_project=run.wandb_project,
@@ -118,7 +146,8 @@ class Trainer:
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _zero(self):
-        return {role: ZeroState(opt, self.roles.trainable()[role], self.mesh) for role, opt in self.optims.items()}
+        held = self.roles.trainable()
+        return {role: ZeroState(opt, held[role], self.tp_cpu_mesh) for role, opt in self.optims.items() if role in held}
 
     def state(self, for_load: bool = False) -> dict:
         roles = self.roles.trainable()

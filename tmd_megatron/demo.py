@@ -45,6 +45,9 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.1 for a smoke run)")
     a = p.parse_args(argv)
     out, scale = Path(a.out), a.scale
+    # Tiny models: one intra-op thread is about as fast as two and immune to oversubscription when the machine is
+    # shared (two processes spinning two OpenMP threads each on two cores slowed steps ~100x here).
+    torch.set_num_threads(1)
     log = io.StringIO()
     steps = lambda n: f"run.max_steps={max(2, int(n * scale))}"  # noqa: E731
     t_all = time.monotonic()

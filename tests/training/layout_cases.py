@@ -26,17 +26,31 @@ def run_case(method: str, layout: dict, out_dir: str) -> dict | None:
     overrides = ["experiment=tiny_smoke", *METHODS[method], f"parallel.tp={tp}", f"parallel.cp={cp}",
                  f"parallel.pp={pp}", f"parallel.cp_comm={layout.get('cp_comm', 'ring')}",
                  f"parallel.sequence_parallel={layout.get('sp', True)}", f"run.out_dir={out_dir}",
-                 "run.resume=never", "run.tensorboard=false", *STABLE_ADAM]
+                 "run.resume=never", "run.tensorboard=false", *STABLE_ADAM, *layout.get("overrides", [])]
     res = resolve(compose(overrides))
     topo = init_topology(tp, cp, pp, device="cpu") if layout.get("distributed", True) else Topology.single()
     trainer = Trainer(res, topo, stream=io.StringIO())
     trainer.start()
     metrics = [trainer.advance() for _ in range(STEPS)]
-    full = {role: gather_full_state(module, topo) for role, module in trainer.roles.trainable().items()}
+    held = trainer.roles.trainable()
+    roles = ["student", "fake", "disc"] if res.dmd2v is not None else ["student"]
+    full = {role: _gather(held.get(role), topo) for role in roles}
     # numpy, not torch: tensors would cross the result queue through shared memory that dies with the rank
     full = {role: {k: v.numpy() for k, v in state.items() if not k.startswith("head_patch_embedding.")}
             for role, state in full.items()}
     return {"metrics": metrics, "full": full} if topo.world.rank == 0 else None
+
+
+def _gather(module, topo) -> dict:
+    """A role's full state; a stage holding none of it (discriminator heads elsewhere) still joins the exchange."""
+    if module is not None:
+        return gather_full_state(module, topo)
+    from tmd_megatron.parallel import comm
+
+    full = {}
+    for part in comm.all_gather_object({}, topo.pp):
+        full.update(part)
+    return full
 
 
 def run_cases(cases: dict, base_dir: str) -> dict:

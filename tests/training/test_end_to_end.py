@@ -62,3 +62,18 @@ def test_trainer_previews(tmp_path):
     saved = torch.load(folder / "latents.pt")
     assert saved["latents"].shape == (3, 16, 3, 8, 8) and saved["nfe"] == effective_nfe(2, 2, 1, 4)
     assert len(list(folder.glob("*.mp4"))) == 3
+
+
+def test_tmd_sample_decodes_through_the_wan_vae(demo, tmp_path, capsys):
+    """--vae: latents decoded by diffusers' AutoencoderKLWan (a tiny random one here) into mp4 files."""
+    from test_data_preprocess import tiny_vae
+
+    import av
+
+    out, _ = demo
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    assert sample_main([str(out / "tmd_stage2" / "export"), "--prompts", "red circle moving left", "--synthetic",
+                        "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "v")]) == 0
+    with av.open(str(tmp_path / "v" / "0000.mp4")) as c:
+        frames = [f for f in c.decode(video=0)]
+    assert len(frames) == 4 * (3 - 1) + 1  # Wan's VAE: 4x temporal upsampling of 3 latent frames

@@ -10,6 +10,8 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 TWO = {"tp2": dict(tp=2), "cp2_ring": dict(cp=2), "cp2_ulysses": dict(cp=2, cp_comm="ulysses"),
        "pp2": dict(pp=2), "dp2": dict()}
+# every discriminator head on the last stage: the first stage holds none of that role (and must not hang)
+HEADS_LAST = ["method.dmd2v.disc_layers=[3]"]
 EIGHT = {"tp2_cp2_pp2": dict(tp=2, cp=2, pp=2)}
 
 
@@ -22,6 +24,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
     cases = {f"{m}/{name}": (m, lay) for m in METHODS for name, lay in TWO.items()}
+    cases["tmd/pp2_heads_last"] = ("tmd", dict(pp=2, overrides=HEADS_LAST))
     return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=900)[0]
 
 
@@ -37,6 +40,11 @@ def test_two_rank_layouts_equal_one_process(reference, two_rank, method, layout)
     case = two_rank[f"{method}/{layout}"]
     assert compare(case, reference[method]) == []
     print(f"{method} {layout}: max param error {max_param_error(case, reference[method]):.1e}")
+
+
+def test_pp2_with_every_discriminator_head_on_one_stage(two_rank, tmp_path):
+    reference = run_case("tmd", {"distributed": False, "overrides": HEADS_LAST}, str(tmp_path))
+    assert compare(two_rank["tmd/pp2_heads_last"], reference) == []
 
 
 @pytest.mark.parametrize("method", METHODS)

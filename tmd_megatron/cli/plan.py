@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="hydra overrides, as for tmd-train")
     p.add_argument("--world", type=int, required=True, help="number of processes (nodes x GPUs per node)")
     p.add_argument("--device-memory", type=float, default=None, help="GiB per device; refuse what does not fit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         res = resolve(compose([f"experiment={args.recipe}", *args.overrides]))
         plan = plan_recipe(res, args.world, args.device_memory)

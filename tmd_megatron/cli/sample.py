@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer directory (default: --umt5)")
     p.add_argument("--vae", help="diffusers AutoencoderKLWan directory: decode to mp4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (Wan's inference precision) on the device")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         p.error(f"{model_dir} has no {STUDENT_JSON}: it is not a TMD student export (use --sampler dmd2v/teacher)")
     from tmd_megatron.models.wan import WanModel
 
-    model = load_student(model_dir) if is_student else WanModel.from_pretrained(model_dir)
+    model = load_student(model_dir, device=a.device) if is_student else WanModel.from_pretrained(model_dir, device=a.device)
     model.eval()
     task = None
     if a.synthetic:
@@ -87,25 +89,27 @@ def main(argv=None) -> int:
         enc = PromptEncoder.from_pretrained(a.umt5, a.tokenizer or a.umt5)
         contexts, negative = enc(prompts), enc([WAN_NEGATIVE_PROMPT])[0]
     width = max(c.shape[0] for c in contexts)
-    ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float()
+    ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float().to(a.device)
     latent = tuple(int(v) for v in a.latent.split(",")) if a.latent else (task.latent_shape if task else (16, 21, 60, 104))
     trained = model_dir / SAMPLER_JSON
     cfg = SamplerConfig(**json.loads(trained.read_text())) if trained.exists() else SamplerConfig()
     chosen = {"outer_steps": a.outer_steps, "inner_steps": a.inner_steps}
     cfg = dataclasses.replace(cfg, teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale,
                               **{k: v for k, v in chosen.items() if v is not None})
-    x, nfe = sample(kind, model, ctx, negative.float(), latent, cfg, a.seed)
+    with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
+        x, nfe = sample(kind, model, ctx, negative.float().to(a.device), latent, cfg, a.seed)
+    x = x.float()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     videos = None
     if a.vae:
         from tmd_megatron.data.preprocess import WanVAE
 
-        videos = WanVAE.from_pretrained(a.vae).decode(x)
+        videos = WanVAE.from_pretrained(a.vae, device=a.device).decode(x).cpu()
     elif task is not None:
-        videos = task.decode_latent(x)
+        videos = task.decode_latent(x.cpu())
     for i, prompt in enumerate(prompts):
-        torch.save({"latent": x[i].clone(), "prompt": prompt, "sampler": kind, "effective_nfe": nfe}, out / f"{i:04d}.pt")
+        torch.save({"latent": x[i].cpu().clone(), "prompt": prompt, "sampler": kind, "effective_nfe": nfe}, out / f"{i:04d}.pt")
         if videos is not None:
             _write_mp4(out / f"{i:04d}.mp4", videos[i])
     print(f"{len(prompts)} samples with the {kind} sampler (M={cfg.outer_steps}, N={cfg.inner_steps}), "

@@ -30,6 +30,9 @@ def run(overrides: list[str], stream=None) -> int:
         problems = check_recipe(res, world)
         if problems:
             raise RecipeError("the recipe cannot run:\n  - " + "\n  - ".join(problems))
+        if res.method == "dmd2v" and res.dmd2v.use_kd_warmup and res.raw.model.init is None:
+            print("tmd-train: note: the paper warms up one-step DMD2-v students with KD (Sec. 3.2, Table 4); run "
+                  "method=kd first and pass model.init=<its out_dir>/export", file=sys.stderr)
         if dist_env().source == "single" and p.tp * p.cp * p.pp == 1:
             # one process: no process group (and no rendezvous port to collide with another local run)
             topo = Topology.single(default_device(res.raw.run.device)[0])

@@ -175,7 +175,9 @@ def default_device(kind: str = "auto") -> tuple[torch.device, str]:
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but CUDA is not available here; use device=cpu")
     if kind != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))), "nccl"
+        # gloo beside NCCL: checkpointing gathers optimizer state into host memory (CPU collectives)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))), \
+            "cuda:nccl,cpu:gloo"
     return torch.device("cpu"), "gloo"
 
 

@@ -77,4 +77,4 @@ def load_student(path, device="cpu"):
     student = DecoupledStudent(wan, cfg)
     student.load_state_dict({**{f"wan.{k}": v for k, v in wan.state_dict().items()},
                              **load_file(path / EXTRAS, device=str(device))})
-    return student
+    return student.to(device)  # the extras are created on the default device

@@ -91,6 +91,8 @@ class Passes:
         return torch.autocast(dev, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def run(self, stage, inputs, *, forward_only=False, output_grads=None):
+        if self.first:  # draws are made on the CPU (per-sample generators); the model runs on topo.device
+            inputs = [tuple(t.to(self.topo.device) if torch.is_tensor(t) else t for t in mb) for mb in inputs]
         with self._autocast():
             return run_pipeline(
                 stage, self.topo.pp, self.m, boundary=stage.boundary(torch.float32, self.autocast_dtype),
@@ -102,7 +104,7 @@ class Passes:
             output_grads=None, conditioning_grads=True):
         """inputs: per microbatch (x, t ∈ [0, 1], context); the last stage gets the velocity per microbatch."""
         stage = WanStage(model, latent_shape, capture, hidden_loss, conditioning_grads)
-        wan_inputs = [(x, wan_units(t), c) for x, t, c in inputs] if self.first else None
+        wan_inputs = [(x, wan_units(t), c) for x, t, c in inputs] if self.first else []
         return self.run(stage, wan_inputs, forward_only=forward_only, output_grads=output_grads)
 
     def student(self, student, inputs, latent_shape, num_points, head_fn, x_t_of, t_of, **kw):

@@ -15,6 +15,8 @@ Traffic per iteration comes from the analytic model in tmd_megatron/parallel/com
 from __future__ import annotations
 
 import math
+
+import torch
 from dataclasses import dataclass, field
 
 from tmd_megatron.models.wan import WanConfig
@@ -194,6 +196,21 @@ def check_recipe(res, world: int, device_memory_gib: float | None = None) -> lis
         problems.append("model.compute_dtype=bf16 is the GPU policy; on CPU use model.compute_dtype=fp32")
     if r.data.loader not in ("torch", "dali"):
         problems.append(f"data.loader={r.data.loader!r}: use 'torch' or 'dali'")
+    elif r.data.loader == "dali":
+        from tmd_megatron.data.loader_dali import dali_available
+
+        if not dali_available():
+            problems.append("data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130, or data.loader=torch")
+    if r.model.teacher_dtype == "bf16" and r.model.compute_dtype != "bf16":
+        problems.append("model.teacher_dtype=bf16 needs bf16 autocast (model.compute_dtype=bf16); on CPU use "
+                        "model.teacher_dtype=fp32")
+    p_ = r.parallel
+    if p_.micro_batch_size:
+        dp = max(1, world // (p_.tp * p_.cp * p_.pp))
+        local = r.data.global_batch // dp if r.data.global_batch % dp == 0 else 0
+        if local and local % p_.micro_batch_size:
+            problems.append(f"parallel.micro_batch_size={p_.micro_batch_size} does not divide the per-rank batch "
+                            f"{local} (data.global_batch / DP): choose a divisor of {local}")
     if r.data.source == "shards" and not r.data.shards:
         problems.append("data.source=shards needs data.shards=<directory or glob of .tar shards>")
     if res.lr is None or res.lr <= 0:
@@ -270,8 +287,13 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
                 rows.append((f"{role}: master + AdamW moments (fp32, /{shard} ZeRO-1)", count[role] * 12 / shard))
         if res.raw.optim.ema_decay > 0:
             rows.append(("student EMA (fp32)", count["student"] * 4))
-        if "teacher" in count:
-            rows.append(("teacher weights (frozen)", count["teacher"] * (2 if res.raw.model.teacher_dtype == "bf16" else 4)))
+        if "teacher" in roles:
+            from .roles import cast_frozen
+
+            teacher = roles["teacher"]
+            cast_frozen(teacher, torch.bfloat16 if res.raw.model.teacher_dtype == "bf16" else torch.float32)
+            rows.append(("teacher weights (frozen; fp32 regions stay fp32)",
+                         sum(p.numel() * p.element_size() for p in teacher.parameters())))
         if bf16:
             rows.append(("autocast bf16 weight copies (largest model run)", max(count["student"], count.get("fake", 0)) * 2))
         rows.append(("activations (largest pass)", _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)))

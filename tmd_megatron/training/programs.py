@@ -84,8 +84,9 @@ def flow_matching_step(s: Step) -> None:
         t = sample_shifted(micro.x.shape[0], gamma, gen, 0.001, 0.999)
         x1 = randn_like(micro.x, gen)
         context, _ = drop_condition(micro.ctx, s.negative, p_drop, gen)
-        inputs.append((interpolate(micro.x, x1, t), t, context))
-        targets.append(conditional_velocity(micro.x, x1))
+        dev = s.roles.topo.device
+        inputs.append((interpolate(micro.x, x1.to(dev), t), t.to(dev), context))
+        targets.append(conditional_velocity(micro.x, x1.to(dev)))
 
     def grads(mb, outputs):
         v = outputs[0]
@@ -117,8 +118,9 @@ def tm_mf_step(s: Step) -> None:
         s_, r = sample_mf_times(b, inner, gen, cfg.s_shift, cfg.r_equals_s, cfg.s_min, cfg.s_max)
         h_plus, h_minus = fd_steps(s_, r, cfg.fd_delta)
         _, negative = match_contexts(micro.ctx, s.negative)
-        d.append(dict(t=t, x_t=x_t, context=context, keep=keep, y1=y1, s=s_, r=r, y_s=interpolate(y, y1, s_),
-                      v=conditional_velocity(y, y1), h_plus=h_plus, h_minus=h_minus, negative=negative))
+        q = dict(t=t, x_t=x_t, context=context, keep=keep, y1=y1, s=s_, r=r, y_s=interpolate(y, y1, s_),
+                 v=conditional_velocity(y, y1), h_plus=h_plus, h_minus=h_minus, negative=negative)
+        d.append({k: v.to(s.roles.topo.device) for k, v in q.items()})
     dev = s.roles.topo.device
 
     def u_of(mb, head, y_in, s_in):
@@ -187,7 +189,7 @@ def _stage2_draws(s: Step) -> list[dict]:
         q["t_d"], q["eps_d"] = D.sample_noising(x, cfg, gen)
         q["t_r"], q["eps_r"] = (q["t_d"], q["eps_d"]) if cfg.gan_same_noise else D.sample_noising(x, cfg, gen)
         _, q["negative"] = match_contexts(micro.ctx, s.negative)
-        out.append(q)
+        out.append({k: (v.to(s.roles.topo.device) if torch.is_tensor(v) else v) for k, v in q.items()})
     return out
 
 
@@ -336,11 +338,12 @@ def kd_step(s: Step) -> None:
     t_max = s.res.kd.t_max
     if any(mc.noise is None for mc in s.micro):
         raise RecipeError("method=kd needs KD pairs: data with a `noise` field (tmd-preprocess teacher --kd ...)")
-    inputs = [(mc.noise, torch.full((mc.x.shape[0],), t_max, dtype=torch.float64), mc.ctx) for mc in s.micro]
+    dev = s.roles.topo.device
+    inputs = [(mc.noise, torch.full((mc.x.shape[0],), t_max, dtype=torch.float64, device=dev), mc.ctx) for mc in s.micro]
 
     def grads(mb, outputs):
         mc, v = s.micro[mb], outputs[0]
-        t = torch.full((mc.x.shape[0],), t_max, dtype=torch.float64)
+        t = torch.full((mc.x.shape[0],), t_max, dtype=torch.float64, device=v.device)
         x_hat = x0_from_velocity(mc.noise.to(v.device), t, v)
         loss = kd_regression_loss(x_hat, mc.x.to(v.device)) / s.m
         s.add("kd_loss", loss.detach())

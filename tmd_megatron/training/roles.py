@@ -71,12 +71,18 @@ def stage_ranges(res: Resolved, pp: int) -> list[tuple[int, int]]:
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen weights in `dtype` except the fp32 regions (time embedding/projection, head) and norm gains."""
+    """Frozen matmul weights (and their biases) in `dtype`, whatever layer class holds them (nn.Linear, our
+    column/row-parallel linears, Transformer Engine's); the fp32 regions (time embedding/projection, head),
+    norm gains and modulation tables stay fp32, as in the original's bf16 inference."""
     if dtype == torch.float32:
         return
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv3d)) and not name.startswith(FP32_MODULES):
-            mod.to(dtype)
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.ndim not in (2, 5) or name.startswith(FP32_MODULES):
+            continue
+        for p in (weight, getattr(mod, "bias", None)):
+            if isinstance(p, nn.Parameter):
+                p.data = p.data.to(dtype)
 
 
 @dataclass

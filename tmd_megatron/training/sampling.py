@@ -34,9 +34,9 @@ def sample(kind: str, model, contexts: torch.Tensor, negative: torch.Tensor, lat
     (DiT block evaluations per sample divided by the number of blocks; CFG counts both passes)."""
     if kind not in SAMPLERS:
         raise ValueError(f"sampler {kind!r}; choose one of {SAMPLERS}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU draws (same on every rank and device), moved to the model
     b = contexts.shape[0]
-    noise = torch.randn((b, *latent_shape), generator=gen)
+    noise = torch.randn((b, *latent_shape), generator=gen).to(contexts.device)
     wan = model.wan if kind == "tmd" else model
     with BlockCounter(wan) as counter:
         if kind == "tmd":
@@ -53,6 +53,8 @@ def sample(kind: str, model, contexts: torch.Tensor, negative: torch.Tensor, lat
 
 def sampler_config_of(res) -> SamplerConfig:
     """The sampling grids a trained student was distilled for (written next to its export)."""
+    if res.kd is not None:  # KD warms up a one-step student at t_M
+        return SamplerConfig(outer_steps=1, t_max=res.kd.t_max)
     algo = res.dmd2v or res.tm_mf
     if algo is None:
         return SamplerConfig()

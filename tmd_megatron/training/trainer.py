@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from tmd_megatron.algorithms.timesteps import is_student_step
-from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state, transfer
+from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 
 from . import checkpoint as ckpt
 from .config import RecipeError, Resolved, num_microbatches
@@ -31,9 +31,34 @@ from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_
 from .roles import Roles, build_roles
 from .sampling import SAMPLER_JSON, sampler_config_of
 from .state import TIED, ZeroState, device_mesh, ema_state, module_state
+from .tied import retie_weights, sum_tied_grads
 
 REQUEUE_EXIT = 75
 NO_DECAY = ("bias", "norm", "modulation", "gate_logit")
+
+
+class NoLocalParameters:
+    """The optimizer of a role this pipeline stage holds no parameters of (e.g. discriminator heads that all sit
+    on other stages): it still joins the global gradient-norm reduction, so every rank runs the same collectives."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+    def zero_grad(self) -> None:
+        pass
+
+    def reduce_grads(self) -> None:
+        pass
+
+    def grad_norm(self) -> torch.Tensor:
+        return comm.all_reduce(torch.zeros((), dtype=torch.float64, device=self.topo.device), self.topo.world).sqrt()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return self.grad_norm()
+
+    def step(self) -> None:
+        pass
 
 
 class Preempted(Exception):
@@ -104,11 +129,15 @@ class Trainer:
             self.optims[role] = ZeroAdamW(module, topo, lr=lrs[role], betas=tuple(o.betas), eps=o.eps,
                                           weight_decay=o.weight_decay, no_decay=NO_DECAY, replicated=replicated,
                                           skip=skip)
+        if res.dmd2v is not None and res.dmd2v.gan_weight > 0 and "disc" not in self.optims:
+            self.optims["disc"] = NoLocalParameters(topo)
         self.base_lr = lrs
         self.ema = EMA(self.roles.student, o.ema_decay) if o.ema_decay > 0 else None
         self.guard = NonFiniteGuard(run.max_skipped_steps)
         self.step = 0
         self.mesh = device_mesh(topo)
+        cpu = device_mesh(topo, "cpu") if self.mesh is not None else None
+        self.tp_cpu_mesh = cpu["tp"] if cpu is not None else None
         self.stop_signal = False
         self.logger = MetricLogger(self.out, res.max_steps, enabled=topo.world.rank == 0,
                                    tensorboard=run.tensorboard, wandb_project=run.wandb_project,
@@ -117,7 +146,8 @@ class Trainer:
 
     # ---- state ---------------------------------------------------------------------------------------------
     def _zero(self):
-        return {role: ZeroState(opt, self.roles.trainable()[role], self.mesh) for role, opt in self.optims.items()}
+        held = self.roles.trainable()
+        return {role: ZeroState(opt, held[role], self.tp_cpu_mesh) for role, opt in self.optims.items() if role in held}
 
     def state(self, for_load: bool = False) -> dict:
         roles = self.roles.trainable()
@@ -157,50 +187,8 @@ class Trainer:
         if self.ema is not None:
             for n, t in state["ema"].items():
                 self.ema.shadow[n].copy_(t.to_local() if hasattr(t, "to_local") else t)
-        self._retie_weights()
+        retie_weights(self.roles, self.res)
         return meta
-
-    # ---- tied patch embedding (flow head on the last stage) -----------------------------------------------------
-    def _tied_pair(self):
-        student = self.roles.student
-        if self.topo.pp.size == 1 or self.res.student is None:
-            return None
-        first = student.wan.patch_embedding if self.topo.is_first_stage else None
-        last = student.head_patch_embedding if self.topo.is_last_stage else None
-        return first, last
-
-    def _retie_weights(self) -> None:
-        pair = self._tied_pair()
-        if pair is None:
-            return
-        first, last = pair
-        shapes = [p for p in (first or last or self._placeholder_conv()).parameters()]
-        got = transfer([p.data for p in shapes] if first is not None else [torch.empty_like(p) for p in shapes],
-                       self.topo.pp, 0, self.topo.pp.size - 1)
-        if last is not None:
-            with torch.no_grad():
-                for p, v in zip(last.parameters(), got):
-                    p.copy_(v)
-
-    def _placeholder_conv(self):
-        cfg = self.res.wan
-        return torch.nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size, device=self.topo.device)
-
-    def _sum_tied_grads(self) -> None:
-        """The copy's gradient joins the patch embedding's on the first stage (one parameter, two uses)."""
-        pair = self._tied_pair()
-        if pair is None:
-            return
-        first, last = pair
-        shapes = list((first or last or self._placeholder_conv()).parameters())
-        grads = [p.grad if (last is not None and p.grad is not None) else torch.zeros_like(p) for p in shapes]
-        got = transfer(grads, self.topo.pp, self.topo.pp.size - 1, 0)
-        if first is not None:
-            for p, g in zip(first.parameters(), got):
-                p.grad = g.clone() if p.grad is None else p.grad + g
-        if last is not None:
-            for p in last.parameters():
-                p.grad = None
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def micro_batches(self, batch: dict) -> list[Micro]:
@@ -237,7 +225,7 @@ class Trainer:
             kd_step(s)
         else:
             stage2_step(s, generator="student" in updates)
-        self._sum_tied_grads()
+        sum_tied_grads(self.roles, self.res)
         metrics = self._reduce_metrics(s.metrics)
         norms = {}
         for role in updates:
@@ -258,7 +246,7 @@ class Trainer:
                     g["lr"] = self.base_lr[role] * factor
                 opt.step()
             if "student" in updates:
-                self._retie_weights()
+                retie_weights(self.roles, self.res)
                 if self.ema is not None:
                     self.ema.update(self.roles.student)
         for role, n in norms.items():

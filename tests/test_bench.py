@@ -9,7 +9,7 @@ import torch
 
 from tmd_megatron.bench import comm_bound
 from tmd_megatron.bench.scores import RealReference, Scores, frechet_distance, score_clips
-from tmd_megatron.models.wan import WanConfig, WanModel
+from tmd_megatron.models.wan import WanConfig
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -116,3 +116,16 @@ def test_quality_script_smoke(tmp_path, capsys):
     for name in ("Teacher (Euler 2x2", "DMD2-v M=1 (KD warm-up)", "DMD2-v M=2", "TMD M=2 N=2"):
         assert f"| {name}" in out
     assert (tmp_path / "results.json").exists()
+
+
+def test_doc_section_rewrites_only_between_its_markers(tmp_path):
+    from tmd_megatron.bench.doc import markers, write_section
+
+    doc = tmp_path / "b.md"
+    begin, end = markers("perf")
+    doc.write_text(f"intro\n{begin}\nold table\n{end}\nprose after\n")
+    write_section("perf", "| new |", doc)
+    assert doc.read_text() == f"intro\n{begin}\n| new |\n{end}\nprose after\n"
+    with pytest.raises(ValueError, match="quality:begin"):
+        write_section("quality", "x", doc)
+    assert "| new |" in doc.read_text()  # a refused write loses nothing

@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import perf_model
+from .doc import DOC, command_line, publish
 from .comm_bound import SCALARS, minimum_received, received
 from .launch import run_cases
 from .timing import load_average
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "sampling")
 
 
@@ -253,15 +249,6 @@ def render(tables: dict[str, str], command: str, seconds: float, load: tuple[flo
     return "\n".join(body)
 
 
-def write_doc(text: str, doc: Path = DOC) -> None:
-    """Replace the generated section of docs/benchmarks.md (between the markers), keeping the prose around it."""
-    old = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in old or END not in old:
-        raise ValueError(f"{doc} lacks the markers {BEGIN} / {END} around its generated section")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    doc.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", old))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat; prints, never writes the doc")
@@ -274,12 +261,9 @@ def main(argv=None) -> None:
         ap.error(f"unknown parts {unknown}; choose from {PARTS}")
     t0, load0 = time.time(), load_average()
     tables = run(parts, args.smoke)
-    command = "python -m tmd_megatron.bench.perf" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    text = render(tables, command, time.time() - t0, (load0, load_average()))
-    print(text)
-    if not (args.smoke or args.no_write):
-        write_doc(text)
-        print(f"\nwritten to {DOC}")
+    command = command_line("tmd_megatron.bench.perf", argv)
+    publish("perf", render(tables, command, time.time() - t0, (load0, load_average())),
+            write=not (args.smoke or args.no_write))
 
 
 if __name__ == "__main__":

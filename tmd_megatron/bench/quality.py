@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -32,10 +31,9 @@ import torch
 
 from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
 
+from .doc import DOC, command_line, publish
 from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
 @dataclass(frozen=True)
@@ -348,16 +346,6 @@ def render(summary: dict, command: str) -> str:
     return head + "\n\n" + table(summary)
 
 
-def write_doc(text: str, doc: Path = DOC) -> None:
-    import re
-
-    old = doc.read_text()
-    if BEGIN not in old or END not in old:
-        raise ValueError(f"{doc} lacks the markers {BEGIN} / {END} around the quality table")
-    doc.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{text}\n{END}", old,
-                          flags=re.S))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); never writes the doc")
@@ -366,12 +354,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = SMOKE if args.smoke else QualityConfig()
     summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True))
-    command = "python -m tmd_megatron.bench.quality" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    text = render(summary, command)
-    print(text)
-    if not (args.smoke or args.no_write):
-        write_doc(text)
-        print(f"written to {DOC}")
+    publish("quality", render(summary, command_line("tmd_megatron.bench.quality", argv)),
+            write=not (args.smoke or args.no_write))
 
 
 if __name__ == "__main__":

@@ -183,11 +183,15 @@ def memory_table(results: dict, smoke: bool) -> str:
 
     out = ["TMD stage-2 steps of the real trainer (whole trio; dim 512, FFN 2048, 8 heads, 4 blocks, 192 video "
            "tokens, 4 samples per step, fp32, no activation checkpointing), 3 steps (two generator steps). "
-           "Measured peak = the process's peak resident memory (`ru_maxrss`) minus its resident memory after imports "
-           "and process-group set-up, before the models were built; model states = the exact bytes of every "
-           "weight, gradient, master weight and Adam moment on the rank after the steps.", "",
-           "| layout | rank (stage) | planner estimate | measured peak | estimate / measured | model states (exact) |",
-           "|---|---|---|---|---|---|"]
+           "Live-tensor peak = the highest total of live tensor bytes over the run, from the profiler's allocator "
+           "events (what `torch.cuda.max_memory_allocated` reports on a GPU, and what the planner models); "
+           "resident peak = the process's peak resident memory (`ru_maxrss`, a separate launch without the "
+           "profiler) minus its resident memory before the models were built: it adds malloc's fragmentation and "
+           "caching. Model states = the exact bytes of every weight, gradient, master weight, reduced gradient and Adam moment on the "
+           "rank after the steps.", "",
+           "| layout | rank (stage) | planner estimate | live-tensor peak | **estimate / live** | resident peak | "
+           "estimate / resident | model states (exact) |",
+           "|---|---|---|---|---|---|---|---|"]
     for name, per_rank in results.items():
         world = len(per_rank)
         res = resolve(compose(_memory_recipe(MEM_LAYOUTS[name][1], smoke)))
@@ -196,8 +200,9 @@ def memory_table(results: dict, smoke: bool) -> str:
             raise ValueError(f"the planner refuses the {name} recipe: {plan.problems}")
         est = plan.total_gib * 2**30
         for r in per_rank:
-            out.append(f"| {name} | {r['rank']} ({r['stage']}) | {_mib(est)} | {_mib(r['peak_above_baseline'])} | "
-                       f"{est / r['peak_above_baseline']:.2f} | {_mib(r['state_bytes'])} |")
+            live, rss = r["live_peak"], r["peak_above_baseline"]
+            out.append(f"| {name} | {r['rank']} ({r['stage']}) | {_mib(est)} | {_mib(live)} | **{est / live:.2f}** | "
+                       f"{_mib(rss)} | {est / rss:.2f} | {_mib(r['state_bytes'])} |")
     return "\n".join(out)
 
 
@@ -223,8 +228,10 @@ def run(parts, smoke: bool) -> dict[str, str]:
         layouts = {"PP2 (m = 2)": MEM_LAYOUTS["PP2 (m = 2)"]} if smoke else MEM_LAYOUTS
         res = {}
         for name, (world, extra) in layouts.items():  # a fresh launch each: the peak is per process
-            case = ("memory", {"overrides": _memory_recipe(extra, smoke), "steps": 1 if smoke else 3})
-            res[name] = run_cases([case], world, timeout=900)[0]
+            kwargs = {"overrides": _memory_recipe(extra, smoke), "steps": 1 if smoke else 3}
+            rss = run_cases([("memory", kwargs)], world, timeout=900)[0]
+            live = run_cases([("live_memory", kwargs)], world, timeout=900)[0]
+            res[name] = [{**a, **b} for a, b in zip(rss, live)]
         tables["memory"] = memory_table(res, smoke)
     if "sampling" in parts:
         tables["sampling"] = sampling_table(smoke)

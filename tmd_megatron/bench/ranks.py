@@ -4,6 +4,7 @@ measured from inside. `python -m tmd_megatron.bench.ranks CASES_JSON OUT_DIR` ru
 
 - comm:     bytes counted by `count_comm` in one training step (after a warm-up step), per (op, group);
 - pipeline: busy and wall time of every pipelined pass of stage-2 steps (PipelineResult.trace), and step times;
+- live_memory: peak bytes of live tensors over the same steps (profiler allocator events);
 - memory:   peak resident memory of the process during training steps above its level before the models were
             built, beside the exact bytes of the model states (weights, gradients, optimizer states). The peak is
             the process's high-water mark, so a memory case must be the only case of its launch.
@@ -81,7 +82,8 @@ def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
 
 
 def _state_bytes(trainer) -> int:
-    """Weights and gradients of every role on this rank, plus the optimizers' master weights and moments."""
+    """Weights and gradients of every role on this rank, plus the optimizers' master weights, reduced gradients and
+    moments."""
     seen, total = set(), 0
 
     def add(t):
@@ -99,6 +101,7 @@ def _state_bytes(trainer) -> int:
     for opt in trainer.optims.values():
         for bucket in opt.buckets:
             add(bucket.master)
+            add(bucket.master.grad)
         for state in opt.optimizer.state.values():
             for t in state.values():
                 if torch.is_tensor(t) and t.numel() > 1:
@@ -119,7 +122,32 @@ def memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
             "peak_above_baseline": peak - baseline, "state_bytes": _state_bytes(trainer)}
 
 
-CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case}
+def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    """Peak bytes of live tensors over the same steps, from the profiler's allocator events (its running
+    "Total Allocated" counts every tensor allocated after profiling started, less those freed): the CPU
+    counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that the
+    resident-memory peak of `memory_case` also holds."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    res, topo, make = _trainer(overrides, out_dir)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = make()
+        trainer.start()
+        for _ in range(steps):
+            trainer.advance()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not totals:
+        raise RuntimeError("the profiler recorded no CPU allocations; this torch build does not report them")
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "live_peak": max(totals)}
+
+
+CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case, "live_memory": live_memory_case}
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ from . import comm
 from .sharding import tp_split_dims
 from .topology import Topology
 
+GRAD_NORM_CHUNK = 1 << 20  # elements per fp64 partial sum of the gradient norm (8 MiB of temporaries)
+
 
 def tp_partial_names(model: nn.Module) -> set[str]:
     """Parameters whose gradients are partial over TP: the TP-replicated ones when sequence parallel is on."""
@@ -46,8 +48,16 @@ class _Bucket:
         self.master = nn.Parameter(flat[self.start : self.start + self.shard_len].clone())
 
     def flat(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        out = torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-        return torch.nn.functional.pad(out, (0, self.shard_len * self.group.size - self.numel))
+        """The tensors in bucket order, zero-padded to a whole number of shards, in one allocation (cat + pad
+        held two copies of the bucket at the step's memory peak)."""
+        tensors = list(tensors)
+        out = torch.empty(self.shard_len * self.group.size, dtype=self.dtype, device=tensors[0].device)
+        offset = 0
+        for t in tensors:
+            out[offset : offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        out[offset:].zero_()
+        return out
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
@@ -112,18 +122,25 @@ class ZeroAdamW:
                 offset += p.numel()
         dp, cp = self.topo.dp.size, self.topo.cp.size
         for b in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in b.named]
-            if self.replicated:  # full on every CP rank: the CP sum would count them cp times
-                grads = [g / cp if n in self.replicated else g for g, (n, _) in zip(grads, b.named)]
-            shard = comm.reduce_scatter(b.flat(grads), self.group)
-            b.master.grad = shard / dp
+            flat = b.flat(p.grad if p.grad is not None else torch.zeros_like(p) for _, p in b.named)
+            if self.replicated and cp > 1:  # full on every CP rank: the CP sum would count them cp times
+                for name, view in b.unflatten(flat).items():
+                    if name in self.replicated:
+                        view.div_(cp)
+            # scaled in place: copies of the gradients here were the step's memory peak under TP
+            shard = comm.reduce_scatter(flat, self.group)
+            del flat
+            b.master.grad = shard.div_(dp) if dp > 1 else shard
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients over the whole model (all stages, TP shards counted once)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         for b in self.buckets:
             if b.master.grad is not None and (not b.tp_replicated or self.topo.tp.rank == 0):
-                sq = sq + b.master.grad.double().pow(2).sum()
+                # fp64 sums in chunks: a whole-bucket .double().pow(2) held 4x the bucket's bytes in temporaries,
+                # the step's memory peak (docs/benchmarks.md, planner vs measured)
+                for chunk in b.master.grad.split(GRAD_NORM_CHUNK):
+                    sq = sq + chunk.double().pow(2).sum()
         return comm.all_reduce(sq, self.topo.world).sqrt()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -3,13 +3,15 @@
 Parameter counts are exact: the planner builds every role a rank would hold (tmd_megatron.training.roles)
 on the meta device for a virtual topology. Memory model per rank (the worst pipeline stage):
 - trained roles (student, fake score, discriminator): fp32 weights + fp32 gradients, and ZeroAdamW's fp32
-  master copy + AdamW moments sharded over DP x CP; the student's EMA (fp32, unsharded);
+  master copy, reduced gradient and AdamW moments sharded over DP x CP; the student's EMA (fp32, unsharded);
 - frozen teacher: its weights (bf16 on GPU except the fp32 regions);
 - under bf16 autocast, the bf16 weight copies autocast caches for the model being run;
 - activations: bytes saved for backward per block, fitted on our block with saved-tensor hooks (a·L·D +
   b·L·F + c·T·D + e·L + autocast weight casts; tests/training/test_plan.py re-measures), for the largest
   graph a step holds on the stage (e.g. the TMD rollout's N flow-head passes), times the microbatches a 1F1B
-  stage holds; with activation checkpointing, block inputs plus one block's full set.
+  stage holds; with activation checkpointing, block inputs plus one block's full set; or, where larger, the two
+  master-shard temporaries of the AdamW step (the peak then lies there). Checked against the live-tensor peak of
+  real steps by `python -m tmd_megatron.bench.perf --only memory` (docs/benchmarks.md).
 Traffic per iteration comes from the analytic model in tmd_megatron/parallel/comm_model.py.
 """
 from __future__ import annotations
@@ -284,7 +286,8 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
         for role in ("student", "fake", "disc"):
             if role in count:
                 rows.append((f"{role}: weights + gradients (fp32)", count[role] * 8))
-                rows.append((f"{role}: master + AdamW moments (fp32, /{shard} ZeRO-1)", count[role] * 12 / shard))
+                rows.append((f"{role}: master + reduced gradient + AdamW moments (fp32, /{shard} ZeRO-1)",
+                             count[role] * 16 / shard))
         if res.raw.optim.ema_decay > 0:
             rows.append(("student EMA (fp32)", count["student"] * 4))
         if "teacher" in roles:
@@ -296,7 +299,12 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
                          sum(p.numel() * p.element_size() for p in teacher.parameters())))
         if bf16:
             rows.append(("autocast bf16 weight copies (largest model run)", max(count["student"], count.get("fake", 0)) * 2))
-        rows.append(("activations (largest pass)", _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)))
+        # The step's peak is either in a pass (activations) or in the optimizer step, where single-tensor AdamW
+        # holds two temporaries of a master shard (sqrt of the second moment, then its scaled copy).
+        act = _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)
+        adam = 2 * 4 * max(count[r] for r in ("student", "fake", "disc") if r in count) / shard
+        rows.append(("activations (largest pass)", act) if act >= adam else
+                    ("AdamW step temporaries (2 master shards; more than the activations)", adam))
         total = sum(b for _, b in rows)
         if worst is None or total > worst[0]:
             worst = (total, rows, stage, count)

@@ -199,7 +199,7 @@ class DecoupledStudent(nn.Module):
         of the first stage's patch embedding whose gradients are summed with the original's (tied weights).
         """
         conv = self.head_patch_embedding if self.head_patch_embedding is not None else self.wan.patch_embedding
-        return self.wan.layout.split(conv(y_s).flatten(2).transpose(1, 2))
+        return self.wan.layout.split(conv(y_s).flatten(2).transpose(1, 2).contiguous())  # as WanModel.embed
 
     def fuse(self, y_s: torch.Tensor, e0: torch.Tensor, features: BackboneFeatures) -> torch.Tensor:
         """Patch-embed y_s with the shared patch embedding (App. A.1) and fuse it into m."""

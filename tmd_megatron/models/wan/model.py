@@ -84,7 +84,9 @@ class WanModel(nn.Module):
             )
         tokens = self.patch_embedding(x_B_C_F_H_W)
         grid = tuple(tokens.shape[2:])
-        return tokens.flatten(2).transpose(1, 2), grid
+        # Contiguous tokens: a transposed view would make every residual add keep the channel-major layout and
+        # every layer norm copy it (5 % of a CPU forward, docs/benchmarks.md).
+        return tokens.flatten(2).transpose(1, 2).contiguous(), grid
 
     def geometry(self, grid: tuple[int, int, int], device) -> TokenGeometry:
         num_tokens = math.prod(grid)

@@ -31,8 +31,10 @@ class _RingAttention(torch.autograd.Function):
     """Exact softmax attention over K/V chunks passed around the CP ring (math in fp32, fp64 for fp64 inputs).
 
     Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
-    the probabilities chunk by chunk from the saved log-sum-exp (as flash attention does) while dK/dV
-    accumulators travel with their K/V chunk and arrive home after cp hops.
+    the probabilities chunk by chunk from the saved log-sum-exp (as flash attention does) and passes K/V around
+    again rather than keeping the other chunks from the forward (their memory is what the ring saves). The dK/dV
+    of a remote chunk travel one rank behind it, starting where it is first seen, and reach its owner after
+    cp - 1 hops; the owner adds its own part last.
     """
 
     @staticmethod
@@ -77,9 +79,8 @@ class _RingAttention(torch.autograd.Function):
         q32, do32 = q.to(acc), dout.to(acc)
         delta = (do32 * out).sum(dim=-1, keepdim=True)
         dq = torch.zeros_like(q32)
-        dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
+        travelling = None  # (dK, dV) of the chunk this rank sees next, sent on by the previous rank
         for step in range(n):
             if step < n - 1:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
@@ -88,18 +89,24 @@ class _RingAttention(torch.autograd.Function):
             k32, v32 = k_cur.to(acc), v_cur.to(acc)
             s = _masked_scores(q32, k32, None if chunks is None else chunks[src], scale)
             p = torch.exp(s - lse[..., None])
-            dv_acc = dv_acc + torch.matmul(p.transpose(-1, -2), do32)
+            dv = torch.matmul(p.transpose(-1, -2), do32)
             ds = p * (torch.matmul(do32, v32.transpose(-1, -2)) - delta)
             dq = dq + torch.matmul(ds, k32) * scale
-            dk_acc = dk_acc + torch.matmul(ds.transpose(-1, -2), q32) * scale
-            if n > 1:  # the accumulators follow their K/V chunk; after n hops they are back home
-                dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
-                comm.exchange(group, [(dk_acc, nxt), (dv_acc, nxt)], [(dk_in, prv), (dv_in, prv)])
-                dk_acc, dv_acc = dk_in, dv_in
+            dk = torch.matmul(ds.transpose(-1, -2), q32) * scale
+            if step == 0:
+                dk_own, dv_own = dk, dv
+            else:  # chunk src's accumulator moves on to rank r + 1, which sees src next (its owner after the last)
+                if travelling is not None:
+                    dk, dv = dk + travelling[0], dv + travelling[1]
+                dk_in, dv_in = torch.empty_like(dk), torch.empty_like(dv)
+                comm.exchange(group, [(dk, nxt), (dv, nxt)], [(dk_in, prv), (dv_in, prv)])
+                travelling = (dk_in, dv_in)
             if step < n - 1:
                 pending.wait()
                 k_cur, v_cur = k_nxt, v_nxt
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None
+        if travelling is not None:  # everyone else's part of this rank's dK/dV
+            dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None
 
 
 class RingAttention(nn.Module):

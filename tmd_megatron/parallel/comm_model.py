@@ -70,8 +70,8 @@ def pipeline_comm(
             t.add("all_reduce", "tp", 3, b * Lc * e)
             t.add("all_reduce", "tp", 1, b * T * e)
         if cp > 1:
-            if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv travel cp hops home
-                n = 2 * (cp - 1) + 2 * cp
+            if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv reach their owner in cp-1 hops
+                n = 4 * (cp - 1)
                 t.add("send", "cp", n, b * Lc * Dl * e)
                 t.add("recv", "cp", n, b * Lc * Dl * e)
             else:

@@ -25,7 +25,7 @@ set -euo pipefail
 : "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
 : "${TMD_TRAIN_CMD:=tmd-train}"
 # Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). The planner
-# estimates ~47 GiB per rank for TP8 (TP4 x CP2: ~76 GiB, too close to 80 GB), see tmd_megatron/training/plan.py.
+# estimates 56.2 GiB per rank for stage 2 at TP8 (TP4 x CP2: 86.7 GiB, over 80 GB): `tmd-plan wan14b_tmd_n4h5_m1 --world 64 ...`.
 : "${TMD_TP:=8}"
 : "${TMD_CP:=1}"
 : "${TMD_PP:=1}"

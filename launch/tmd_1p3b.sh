@@ -25,7 +25,7 @@ set -euo pipefail
 : "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
 : "${TMD_TRAIN_CMD:=tmd-train}"
 # Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). tmd-plan estimates
-# 41.9 GiB per rank for stage 2 at DP16 (CP2 x DP8: 35.7 GiB): `tmd-plan wan1.3b_tmd_n4h5_m1 --world 16 ...`.
+# 42.6 GiB per rank for stage 2 at DP16 (CP2 x DP8: 36.4 GiB): `tmd-plan wan1.3b_tmd_n4h5_m1 --world 16 ...`.
 : "${TMD_TP:=1}"
 : "${TMD_CP:=1}"
 : "${TMD_PP:=1}"

@@ -35,6 +35,9 @@ BLOCK_SAVED_BYTES = {
     "fp32": (88.8, 7.92, 20.1, 95.1, 0.26, 0.06),
     "bf16": (64.8, 3.92, 14.1, 95.1, 12.3, 4.06),
 }
+# Bytes per token x dim that a TP shard saves in full rather than 1/tp of, by sequence parallelism on / off
+# (fitted on tp 2 and 4, fp32 and bf16, with saved-tensor hooks; tests/training/test_plan.py re-measures).
+TP_UNSPLIT_BYTES = {True: 22.0, False: 46.0}
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,13 @@ class Plan:
 
 
 # ---- activations ------------------------------------------------------------------------------------------
-def block_saved_bytes(cfg: WanConfig, tokens: int, dtype: str, tp: int) -> float:
-    """Saved-for-backward bytes of one block for one sample holding `tokens` local tokens."""
+def block_saved_bytes(cfg: WanConfig, tokens: int, dtype: str, tp: int, sequence_parallel: bool = True) -> float:
+    """Saved-for-backward bytes of one block for one sample whose TP group holds `tokens` tokens."""
     a, b, c, e, w1, w2 = BLOCK_SAVED_BYTES[dtype]
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
-    return (a * tokens * d + b * tokens * f + c * t * d) / tp + e * tokens + (w1 * d * d + w2 * d * f) / tp
+    split = (a * tokens * d + b * tokens * f + c * t * d) / tp + e * tokens + (w1 * d * d + w2 * d * f) / tp
+    # What TP does not split: the gathered sublayer inputs under SP, the whole replicated stream without it.
+    return split + TP_UNSPLIT_BYTES[sequence_parallel] * tokens * d * (1 - 1 / tp)
 
 
 def _tokens(cfg: WanConfig, latent) -> int:
@@ -257,7 +262,7 @@ def _activation_bytes(res, lay: Layout, span, last: bool, stage: int) -> float:
     tokens = math.ceil(_tokens(cfg, tuple(res.raw.data.latent)) / lay.cp)
     sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
     dtype = res.raw.model.compute_dtype
-    per_block = block_saved_bytes(cfg, tokens, dtype, lay.tp) * lay.micro_batch
+    per_block = block_saved_bytes(cfg, tokens, dtype, lay.tp, lay.sequence_parallel) * lay.micro_batch
     in_flight = min(lay.pp - stage, lay.microbatches) if res.raw.parallel.schedule == "1f1b" else lay.microbatches
     blocks = _graph_blocks(res, span, last)
     if lay.activation_checkpointing:
@@ -286,7 +291,7 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
         for role in ("student", "fake", "disc"):
             if role in count:
                 rows.append((f"{role}: weights + gradients (fp32)", count[role] * 8))
-                rows.append((f"{role}: master + reduced gradient + AdamW moments (fp32, /{shard} ZeRO-1)",
+                rows.append((f"{role}: ZeRO-1 master + grad + moments (fp32, /{shard})",
                              count[role] * 16 / shard))
         if res.raw.optim.ema_decay > 0:
             rows.append(("student EMA (fp32)", count["student"] * 4))

@@ -100,17 +100,11 @@ def test_parameter_counts_are_those_of_the_roles_a_rank_builds():
     assert full / 8 < tp8 < full / 8 + 300e6  # blocks split 8 ways; embeddings, norms and head replicated
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("dim, ffn, text_len, grid", [(48, 96, 24, (2, 8, 6)), (80, 200, 40, (3, 6, 10))])
-def test_block_activation_model_against_saved_tensor_hooks(dtype, dim, ffn, text_len, grid):
-    """Bytes a Wan block saves for backward, measured with saved-tensor hooks, vs the planner's formula."""
-    cfg = WanConfig(dim=dim, ffn_dim=ffn, num_heads=4, num_layers=1, text_dim=32, text_len=text_len, freq_dim=32)
-    model = WanModel(cfg)
-    x = torch.randn(1, 16, *grid)
-    tokens, geom = model.embed_tokens(x)
-    e, e0 = model.embed_time(torch.tensor([500.0]))
+def _saved_by_first_block(model: WanModel, grid: tuple, text_len: int, dtype: str) -> int:
+    """Bytes the model's first block saves for backward (parameters excluded), by saved-tensor hooks."""
+    tokens, geom = model.embed_tokens(torch.randn(1, 16, *grid))
+    _, e0 = model.embed_time(torch.tensor([500.0]))
     ctx = model.embed_text(torch.randn(1, text_len, 32))
-    tokens, ctx, e0 = tokens.detach().requires_grad_(), ctx.detach(), e0.detach()
     seen, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
@@ -119,9 +113,18 @@ def test_block_activation_model_against_saved_tensor_hooks(dtype, dim, ffn, text
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        model.blocks[0](tokens, ctx, e0, geom.rope_cos, geom.rope_sin)
-    measured = sum(v for k, v in seen.items() if k not in params)
-    estimate = block_saved_bytes(cfg, tokens.shape[1], dtype, tp=1)
+        model.blocks[0](tokens.detach().requires_grad_(), ctx.detach(), e0.detach(), geom.rope_cos, geom.rope_sin)
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dim, ffn, text_len, grid", [(48, 96, 24, (2, 8, 6)), (80, 200, 40, (3, 6, 10))])
+def test_block_activation_model_against_saved_tensor_hooks(dtype, dim, ffn, text_len, grid):
+    """Bytes a Wan block saves for backward, measured with saved-tensor hooks, vs the planner's formula."""
+    cfg = WanConfig(dim=dim, ffn_dim=ffn, num_heads=4, num_layers=1, text_dim=32, text_len=text_len, freq_dim=32)
+    measured = _saved_by_first_block(WanModel(cfg), grid, text_len, dtype)
+    tokens = grid[0] * (grid[1] // 2) * (grid[2] // 2)
+    estimate = block_saved_bytes(cfg, tokens, dtype, tp=1)
     assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
     assert set(BLOCK_SAVED_BYTES) == {"fp32", "bf16"}
 
@@ -132,24 +135,12 @@ def _tp_block_saved_bytes(sequence_parallel: bool) -> list[tuple]:
     from tmd_megatron.parallel.parallelize import parallelize
 
     topo = init_topology(int(os.environ["WORLD_SIZE"]), 1, 1, timeout_s=120, device="cpu")
+    cfg = WanConfig(dim=80, ffn_dim=200, num_heads=4, num_layers=1, text_dim=32, text_len=40, freq_dim=32)
     out = []
     for dtype in ("fp32", "bf16"):
-        cfg = WanConfig(dim=80, ffn_dim=200, num_heads=4, num_layers=1, text_dim=32, text_len=40, freq_dim=32)
         torch.manual_seed(0)
         model = parallelize(cfg, topo, WanModel(cfg).state_dict(), sequence_parallel=sequence_parallel)
-        tokens, geom = model.embed_tokens(torch.randn(1, 16, 3, 6, 10))  # 3 x 3 x 5 = 45 tokens
-        _, e0 = model.embed_time(torch.tensor([500.0]))
-        ctx = model.embed_text(torch.randn(1, 40, 32))
-        seen, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            model.blocks[0](tokens.detach().requires_grad_(), ctx.detach(), e0.detach(), geom.rope_cos, geom.rope_sin)
-        measured = sum(v for k, v in seen.items() if k not in params)
+        measured = _saved_by_first_block(model, (3, 6, 10), 40, dtype)  # 3 x 3 x 5 = 45 tokens
         out.append((dtype, measured, block_saved_bytes(cfg, 45, dtype, topo.tp.size, sequence_parallel)))
     return out
 

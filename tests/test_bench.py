@@ -129,3 +129,6 @@ def test_doc_section_rewrites_only_between_its_markers(tmp_path):
     with pytest.raises(ValueError, match="quality:begin"):
         write_section("quality", "x", doc)
     assert "| new |" in doc.read_text()  # a refused write loses nothing
+    doc.write_text(f"{end}\n{begin}\n")  # markers out of order: nothing to replace, refused
+    with pytest.raises(ValueError, match="found 0"):
+        write_section("perf", "x", doc)

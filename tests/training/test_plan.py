@@ -37,6 +37,7 @@ INVALID = [
     (TINY + ["method=tm_mf", "method.tm_mf.jvp=exact", "parallel.pp=2", "parallel.microbatches=2"], 2,
      "use the finite difference (jvp=fd)"),
     (TINY + ["parallel.schedule=interleaved"], 1, "use '1f1b' or 'gpipe'"),
+    (TINY + ["parallel.zero1=false"], 2, "parallel.zero1=false is not implemented"),
     (["experiment=tiny_tmd", "method=tmd", "model.teacher=/t"], 1, "set model.init=<stage-1 out_dir>/export"),
     (["experiment=tiny_tmd", "method=tm_mf"], 1, "set model.teacher=<dir>"),
     (TINY + ["distill.head_blocks=3", "parallel.pp=3", "parallel.microbatches=3", "data.global_batch=6"], 3, "lower parallel.pp or distill.head_blocks"),

@@ -20,7 +20,10 @@ def write_section(name: str, text: str, doc: Path = DOC) -> None:
         raise ValueError(f"{doc} lacks the markers {begin} / {end} around its generated {name} section; "
                          "add them where the table should go")
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    doc.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", old))
+    new, count = pattern.subn(lambda _: f"{begin}\n{text}\n{end}", old)
+    if count != 1:
+        raise ValueError(f"{doc} must hold exactly one {begin} ... {end} section (found {count}); fix the markers")
+    doc.write_text(new)
 
 
 def command_line(module: str, argv: list[str] | None) -> str:

@@ -126,7 +126,7 @@ def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
     """Peak bytes of live tensors over the same steps, from the profiler's allocator events (its running
     "Total Allocated" counts every tensor allocated after profiling started, less those freed): the CPU
     counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that the
-    resident-memory peak of `memory_case` also holds."""
+    resident-memory peak of `memory_case` also holds. The counter is per process: alone in its launch."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -137,9 +137,11 @@ def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
         trainer.start()
         for _ in range(steps):
             trainer.advance()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open() as f:
+            events = json.load(f)["traceEvents"]
     totals = [e["args"]["Total Allocated"] for e in events
               if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
     if not totals:

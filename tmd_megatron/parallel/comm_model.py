@@ -70,10 +70,10 @@ def pipeline_comm(
             t.add("all_reduce", "tp", 3, b * Lc * e)
             t.add("all_reduce", "tp", 1, b * T * e)
         if cp > 1:
-            if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv reach their owner in cp-1 hops
-                n = 4 * (cp - 1)
-                t.add("send", "cp", n, b * Lc * Dl * e)
-                t.add("recv", "cp", n, b * Lc * Dl * e)
+            if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv (fp32 or wider) reach their owner in cp-1 hops
+                for n, size in ((2 * (cp - 1), e), (2 * (cp - 1), max(e, 4))):
+                    t.add("send", "cp", n, b * Lc * Dl * size)
+                    t.add("recv", "cp", n, b * Lc * Dl * size)
             else:
                 t.add("all_to_all", "cp", 1, 3 * b * Lc * Dl * e)
                 t.add("all_to_all", "cp", 1, b * Lc * Dl * e)

@@ -122,6 +122,7 @@ class ZeroAdamW:
                 offset += p.numel()
         dp, cp = self.topo.dp.size, self.topo.cp.size
         for b in self.buckets:
+            b.master.grad = None  # the last step's reduced gradient would coexist with the new flat bucket
             flat = b.flat(p.grad if p.grad is not None else torch.zeros_like(p) for _, p in b.named)
             if self.replicated and cp > 1:  # full on every CP rank: the CP sum would count them cp times
                 for name, view in b.unflatten(flat).items():

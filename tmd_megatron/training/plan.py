@@ -127,6 +127,9 @@ def check(cfg: WanConfig, lay: Layout, work: Workload, device_memory_gib: float 
     elif lay.cp_mode == "ulysses" and cfg.num_heads % lay.tp == 0 and (cfg.num_heads // lay.tp) % lay.cp:
         p.append(f"Ulysses needs the {cfg.num_heads // lay.tp} heads per TP rank divisible by cp={lay.cp}: "
                  f"use cp_mode=ring or a cp dividing {cfg.num_heads // lay.tp}")
+    if not lay.zero1:
+        p.append("parallel.zero1=false is not implemented: the trainer always shards optimizer states over DP x CP "
+                 "(ZeRO-1); remove the override")
     if lay.pp > cfg.num_layers:
         p.append(f"pp={lay.pp} exceeds the {cfg.num_layers} blocks: use pp <= {cfg.num_layers}")
     if lay.pp > 1 and lay.microbatches < lay.pp:
@@ -304,12 +307,14 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
                          sum(p.numel() * p.element_size() for p in teacher.parameters())))
         if bf16:
             rows.append(("autocast bf16 weight copies (largest model run)", max(count["student"], count.get("fake", 0)) * 2))
-        # The step's peak is either in a pass (activations) or in the optimizer step, where single-tensor AdamW
-        # holds two temporaries of a master shard (sqrt of the second moment, then its scaled copy).
+        # The step's peak is either in a pass (activations) or in the optimizer phase: single-tensor AdamW holds
+        # two temporaries of a master shard (sqrt of the second moment, its scaled copy); with shards, the
+        # gradient reduction flattens a whole bucket and the step all-gathers one (4 bytes a parameter).
         act = _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)
-        adam = 2 * 4 * max(count[r] for r in ("student", "fake", "disc") if r in count) / shard
-        rows.append(("activations (largest pass)", act) if act >= adam else
-                    ("AdamW step temporaries (2 master shards; more than the activations)", adam))
+        largest = max(count[r] for r in ("student", "fake", "disc") if r in count)
+        optim = largest * max(8 / shard, 4 if shard > 1 else 0)
+        rows.append(("activations (largest pass)", act) if act >= optim else
+                    ("optimizer-phase temporaries (more than the activations)", optim))
         total = sum(b for _, b in rows)
         if worst is None or total > worst[0]:
             worst = (total, rows, stage, count)
@@ -321,7 +326,7 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
     if device_memory_gib and plan.total_gib > device_memory_gib:
         plan.problems.append(
             f"estimated {plan.total_gib:.1f} GiB on pipeline stage {stage} exceeds the {device_memory_gib:g} GiB device: "
-            "raise parallel.tp or parallel.pp, enable parallel.activation_checkpointing, keep parallel.zero1=true, "
+            "raise parallel.tp or parallel.pp, enable parallel.activation_checkpointing, "
             "or lower the per-rank batch (more DP ranks or microbatches)")
     return plan
 

@@ -117,6 +117,13 @@ def test_quality_script_smoke(tmp_path, capsys):
         assert f"| {name}" in out
     assert (tmp_path / "results.json").exists()
 
+    from tmd_megatron.bench import quality_stage1
+
+    quality_stage1.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ("KD (stage 1 of DMD2-v M=1)", "TM-MF (stage 1 of TMD M=2 N=2)"):
+        assert f"| {name} |" in out
+
 
 def test_doc_section_rewrites_only_between_its_markers(tmp_path):
     from tmd_megatron.bench.doc import markers, write_section

@@ -177,9 +177,14 @@ def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, met
             **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
 
 
+def run_name(method: tuple, seed: int, stage: int) -> str:
+    """The run directory of one stage of one method and seed (under <out>/runs)."""
+    return f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}_s{seed}_stage{stage}"
+
+
 def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int) -> dict:
     """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored."""
-    name = f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}_s{seed}_stage{stage}"
+    name = run_name(method, seed, stage)
     if method[0] == "dmd2v" and method[1] == 1 and stage == 1:  # KD warm-up on the teacher's ODE pairs
         over = _common(cfg, out, name, seed, cfg.stage1_steps)
         over = [o for o in over if not o.startswith(("data.shards", "data.negative"))]

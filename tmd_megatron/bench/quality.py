@@ -356,11 +356,34 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); never writes the doc")
     ap.add_argument("--out", default="runs/bench_quality", help="working directory (runs, checkpoints, results.json)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="change a QualityConfig field, e.g. --set stage1_steps=1000 "
+                         "--set 'methods=[[\"tmd\",1,2]]' (a changed configuration only prints)")
     args = ap.parse_args(argv)
-    cfg = SMOKE if args.smoke else QualityConfig()
+    cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
     summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True))
     publish("quality", render(summary, command_line("tmd_megatron.bench.quality", argv)),
-            write=not (args.smoke or args.no_write))
+            write=not (args.smoke or args.no_write or args.set))
+
+
+def with_settings(cfg: QualityConfig, settings: list[str]) -> QualityConfig:
+    """cfg with FIELD=JSON changes (lists become tuples where the field holds tuples)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--set {item!r}: use FIELD=JSON with FIELD one of {sorted(names)}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--set {item!r}: the value is not JSON ({err}); quote strings, e.g. [[\"tmd\",1,2]]")
+        if isinstance(getattr(cfg, key), tuple):
+            parsed = tuple(tuple(v) if isinstance(v, list) else v for v in parsed)
+        changes[key] = parsed
+    return dataclasses.replace(cfg, **changes)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .doc import DOC, command_line, publish
-from .quality import SMOKE, Job, QualityConfig, evaluate, method_name, run_name, schedule, table
+from .quality import SMOKE, Job, QualityConfig, evaluate, method_name, run_name, schedule, table, with_settings
 
 
 def score(cfg: QualityConfig, out: Path, log=print) -> dict:
@@ -23,7 +23,7 @@ def score(cfg: QualityConfig, out: Path, log=print) -> dict:
     summary = json.loads(results.read_text())
     if summary["config"]["stage1_steps"] != cfg.stage1_steps or list(summary["config"]["seeds"]) != list(cfg.seeds):
         raise ValueError(f"{results} was made with another configuration (--smoke or not): use the same flag here")
-    jobs, labels = [], {}
+    jobs = []
     for method in cfg.methods:
         if method[0] == "dmd2v" and method[1] != 1:
             continue  # single-stage
@@ -42,12 +42,14 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="score a --smoke run; never writes the doc")
     ap.add_argument("--out", default="runs/bench_quality", help="the working directory of the quality run")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="the --set changes the quality run was made with (then only prints)")
     args = ap.parse_args(argv)
-    cfg = SMOKE if args.smoke else QualityConfig()
+    cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
     summary = score(cfg, Path(args.out), log=lambda msg: print(msg, flush=True))
     text = (f"Produced by `{command_line('tmd_megatron.bench.quality_stage1', argv)}` from the run above "
             f"({cfg.stage1_steps} iterations each; the train-time column does not apply).\n\n" + table(summary))
-    publish("quality-stage1", text, write=not (args.smoke or args.no_write))
+    publish("quality-stage1", text, write=not (args.smoke or args.no_write or args.set))
 
 
 if __name__ == "__main__":

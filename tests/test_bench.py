@@ -124,6 +124,17 @@ def test_quality_script_smoke(tmp_path, capsys):
     for name in ("KD (stage 1 of DMD2-v M=1)", "TM-MF (stage 1 of TMD M=2 N=2)"):
         assert f"| {name} |" in out
 
+    # a variation on the same teacher: changed fields apply, the teacher is not retrained
+    teacher = tmp_path / "runs" / "teacher" / "export"
+    quality.main(["--smoke", "--out", str(tmp_path / "variant"), "--teacher", str(teacher),
+                  "--set", "stage1_steps=3", "--set", 'methods=[["tmd",2,2]]'])
+    out = capsys.readouterr().out
+    assert f"Teacher: reused from {teacher}" in out and "3 + 2 iterations" in out
+    assert "| TMD M=2 N=2 |" in out and "DMD2-v" not in out
+    assert not (tmp_path / "variant" / "runs" / "teacher").exists()
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        quality.main(["--smoke", "--out", str(tmp_path / "bad"), "--set", "stage_one=3"])
+
 
 def test_doc_section_rewrites_only_between_its_markers(tmp_path):
     from tmd_megatron.bench.doc import markers, write_section

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import torch
 from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
 
 from .doc import DOC, command_line, publish
+from .quality_report import render
 from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
 
@@ -267,19 +267,27 @@ def prepare(cfg: QualityConfig, out: Path, log) -> dict:
             **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
 
 
-def run(cfg: QualityConfig, out: Path, log=print) -> dict:
-    """Data and classifier, then the teacher (this process, all its threads), then every distillation run and
-    evaluation on the worker pool (one thread each, so the cores are never oversubscribed)."""
+def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None) -> dict:
+    """Data and classifier, then the teacher (this process, all its threads; or `teacher_dir`, the export of an
+    earlier run with the same model and data), then every distillation run and evaluation on the worker pool (one
+    thread each, so the cores are never oversubscribed)."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     real = prepare(cfg, out, log)
-    teacher_run = train_run(_common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
-        "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100", "optim.schedule=cosine",
-        f"data.global_batch={cfg.teacher_batch}"])
+    if teacher_dir:
+        if not (Path(teacher_dir) / "config.json").exists():
+            raise FileNotFoundError(f"--teacher {teacher_dir}: no Wan export there (expected <run>/runs/teacher/export)")
+        teacher_run = {"export": str(teacher_dir), "wall": 0.0, "steps": 0, "method": "flow_matching",
+                       "reused": str(teacher_dir)}
+    else:
+        teacher_run = train_run(_common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
+            "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100", "optim.schedule=cosine",
+            f"data.global_batch={cfg.teacher_batch}"])
+        log(f"teacher trained in {teacher_run['wall']:.0f} s")
     teacher = teacher_run["export"]
-    log(f"teacher trained in {teacher_run['wall']:.0f} s")
+    needs_kd = any(method[0] == "dmd2v" and method[1] == 1 for method in cfg.methods)
     jobs = [Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out, teacher, rank, cfg.workers))
-            for rank in range(cfg.workers)]
+            for rank in range(cfg.workers if needs_kd else 0)]
     kd_deps = tuple(job.name for job in jobs)
     for seed in cfg.seeds:
         jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed, teacher)))
@@ -314,54 +322,19 @@ def evaluate_teacher(cfg: QualityConfig, out: Path, seed: int, teacher_dir: str)
     return {**evaluate(cfg, out, "teacher", teacher_dir, seed), "wall": time.time() - t0}
 
 
-# ---- the table -----------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def table(summary: dict) -> str:
-    groups: dict[str, list[dict]] = {}
-    for key, r in summary["runs"].items():
-        groups.setdefault(key.rsplit(" s", 1)[0], []).append(r)
-    real = summary["real"]
-    lines = ["| method | effective NFE | overall | quality | semantic | motion acc. | shape acc. | FD | "
-             "train iterations | train time |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| real clips (the scores' ceiling) | – | {real['overall']:.1f} | {real['quality']:.1f} | "
-             f"{real['semantic']:.1f} | {real['sem_motion']:.1f} | {real['sem_shape']:.1f} | {real['fd']:.1f} | – | – |"]
-    for name, rs in groups.items():
-        col = lambda k: _mean_std([r[k] for r in rs])  # noqa: E731
-        steps = rs[0].get("steps")
-        wall = statistics.mean(r["wall"] for r in rs) if "steps" in rs[0] else None
-        lines.append(f"| {name} | {rs[0]['nfe']:g} | {col('overall')} | {col('quality')} | {col('semantic')} | "
-                     f"{col('sem_motion')} | {col('sem_shape')} | {col('fd')} | {steps if steps else '–'} | "
-                     f"{f'{wall / 60:.1f} min' if wall else '–'} |")
-    return "\n".join(lines)
-
-
-def render(summary: dict, command: str) -> str:
-    cfg = summary["config"]
-    t = summary["teacher_train"]
-    seeds = len(cfg["seeds"])
-    head = (f"Produced by `{command}` in {summary['minutes']:.0f} min ({cfg['workers']} worker processes). "
-            f"Mean ± std over {seeds} seeds. Teacher: {t['steps']} flow-matching iterations in "
-            f"{t['wall'] / 60:.1f} min. Each distilled generator: {cfg['stage1_steps']} + {cfg['stage2_steps']} "
-            f"iterations at batch {cfg['batch']}.")
-    return head + "\n\n" + table(summary)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); never writes the doc")
     ap.add_argument("--out", default="runs/bench_quality", help="working directory (runs, checkpoints, results.json)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    ap.add_argument("--teacher", help="use this teacher export (an earlier run's runs/teacher/export) instead of "
+                                      "training one")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="change a QualityConfig field, e.g. --set stage1_steps=1000 "
                          "--set 'methods=[[\"tmd\",1,2]]' (a changed configuration only prints)")
     args = ap.parse_args(argv)
     cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
-    summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True))
+    summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher)
     publish("quality", render(summary, command_line("tmd_megatron.bench.quality", argv)),
             write=not (args.smoke or args.no_write or args.set))
 

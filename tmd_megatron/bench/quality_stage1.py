@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .doc import DOC, command_line, publish
-from .quality import SMOKE, Job, QualityConfig, evaluate, method_name, run_name, schedule, table, with_settings
+from .quality import SMOKE, Job, QualityConfig, evaluate, method_name, run_name, schedule, with_settings
+from .quality_report import table
 
 
 def score(cfg: QualityConfig, out: Path, log=print) -> dict:

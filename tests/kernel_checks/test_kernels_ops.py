@@ -31,7 +31,7 @@ def _grads(out, inputs, probe):
     return torch.autograd.grad(out, inputs, probe)
 
 
-def _compare(kernel_fn, reference_fn, inputs, tol):
+def assert_matches_reference(kernel_fn, reference_fn, inputs, tol):
     """Forward, then every input's gradient under one random probe, kernel vs reference."""
     a, b = kernel_fn(*inputs), reference_fn(*inputs)
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -71,7 +71,7 @@ def test_layer_norm_modulate_matches_reference(device, dtype, b, n, d, rows, shi
     x = _rand(b, n, d, dtype=dtype, device=device, scale=2.0, offset=0.5)
     shift = _rand(shift_batch, 1, d, device=device, seed=1)
     scale = _rand(shift_batch, 1, d, device=device, seed=2, scale=0.5)
-    _compare(
+    assert_matches_reference(
         lambda *z: layer_norm_modulate(*z, eps=EPS, rows_per_program=rows),
         _ln_modulate_reference(),
         (x, shift, scale),
@@ -85,7 +85,8 @@ def test_layer_norm_modulate_takes_the_blocks_strided_modulation(device):
     mod = _rand(2, 6, 40, device=device, seed=3).unsqueeze(2)
     shift, scale = mod.unbind(1)[:2]
     assert shift.stride(0) == 6 * 40
-    _compare(lambda *z: layer_norm_modulate(*z, eps=EPS), _ln_modulate_reference(), (x, shift, scale), 1e-5)
+    assert_matches_reference(lambda *z: layer_norm_modulate(*z, eps=EPS), _ln_modulate_reference(), (x, shift, scale),
+                             1e-5)
 
 
 # ---- q/k RMSNorm across heads -------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def _rms_reference(eps=EPS):
 def test_rms_norm_matches_reference(device, dtype, w_dtype, shape, rows):
     x = _rand(*shape, dtype=dtype, device=device, scale=3.0)
     weight = _rand(shape[-1], dtype=w_dtype, device=device, seed=1, scale=0.3, offset=1.0)
-    _compare(
+    assert_matches_reference(
         lambda *z: rms_norm_across_heads(*z, eps=EPS, rows_per_program=rows), _rms_reference(), (x, weight), TOL[dtype]
     )
 
@@ -135,7 +136,7 @@ def _rope_tables(grid, head_dim, device):
 def test_rope_matches_reference(device, dtype, b, grid, heads, head_dim):
     cos, sin = _rope_tables(grid, head_dim, device)
     x = _rand(b, cos.shape[0], heads, head_dim, dtype=dtype, device=device)
-    _compare(lambda z: rope_kernel(z, cos, sin), lambda z: apply_rope(z, cos, sin), (x,), TOL[dtype])
+    assert_matches_reference(lambda z: rope_kernel(z, cos, sin), lambda z: apply_rope(z, cos, sin), (x,), TOL[dtype])
 
 
 # ---- forward mode (the exact-JVP reference path of TM-MF) ---------------------------------------------------

@@ -34,6 +34,9 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "auto"  # auto (from latest if present) | never | a step number | a checkpoint path
     max_skipped_steps: int = 10  # NaN/Inf steps tolerated before the run stops
+    # A file whose appearance asks for "checkpoint and exit 75", like SIGUSR1 (launch/lib.sh writes it): a
+    # file cannot kill a rank that is still starting, a signal can (docs/operations.md).
+    stop_file: Optional[str] = None
     tensorboard: bool = True
     wandb_project: Optional[str] = None
 

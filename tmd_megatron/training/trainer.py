@@ -2,7 +2,7 @@
 
 Per step: this DP rank's batch (split into microbatches) -> the method's program (training/programs.py) ->
 tied-weight sync -> gradient reduction, clipping and the ZeRO-1 step of each role that updates this step ->
-EMA -> metrics (reduced to rank 0) -> non-finite guard -> checkpoint on schedule or on SIGUSR1/SIGTERM.
+EMA -> metrics (reduced to rank 0) -> non-finite guard -> checkpoint on schedule or on SIGUSR1/SIGTERM/run.stop_file.
 Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-resume picks up `latest`.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -274,10 +275,16 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self.stop_signal = True
 
-    def _stop_requested(self) -> bool:
-        """Every rank stops at the same step if any rank got the signal."""
-        flag = torch.tensor(1.0 if self.stop_signal else 0.0, device=self.topo.device)
-        return bool(comm.all_reduce(flag, self.topo.world).item() > 0)
+    def _stop_reason(self) -> str | None:
+        """Why every rank stops after this step, or None. Any rank's signal or rank 0 seeing run.stop_file
+        (one metadata lookup per step on the shared filesystem) stops them all at the same step."""
+        stop_file = self.res.raw.run.stop_file
+        seen = self.topo.world.rank == 0 and stop_file is not None and os.path.exists(stop_file)
+        flags = torch.tensor([float(self.stop_signal), float(seen)], device=self.topo.device)
+        signalled, seen = (bool(v > 0) for v in comm.all_reduce(flags, self.topo.world).tolist())
+        if seen:
+            return f"run.stop_file {stop_file} appeared"
+        return "SIGUSR1/SIGTERM" if signalled else None
 
     def start(self) -> None:
         """Resume from the run's latest checkpoint (per run.resume) and open this DP rank's data stream."""
@@ -311,9 +318,10 @@ class Trainer:
                 metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
                 self.logger.log(self.step, metrics)
                 t0 = time.monotonic()
-            if self._stop_requested():
+            reason = self._stop_reason()
+            if reason:
                 self.save()
-                raise Preempted(f"stopped by a signal at step {self.step}; checkpoint written")
+                raise Preempted(f"stopped at step {self.step} ({reason}); checkpoint written")
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < self.res.max_steps:
                 self.save()
             if run.sample_every and self.step % run.sample_every == 0:

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2153 # the TMD_* settings come from the launcher that sources this file
 # The job flow shared by tmd_14b.sh and tmd_1p3b.sh: start the ranks, turn the time-limit signal into
-# "checkpoint and exit 75", requeue on 75 (at most TMD_MAX_REQUEUES times, never after scancel's SIGTERM),
+# "checkpoint and exit 75" (a stop file the trainer polls), requeue on 75 (at most TMD_MAX_REQUEUES times, never after scancel's SIGTERM),
 # stop on anything else. Sourced after the launcher has set its TMD_* variables (see tmd_14b.sh).
 # docs/operations.md explains the policy.
 #
@@ -27,6 +27,7 @@ tmd_trainer_args() {
         "parallel.cp=$TMD_CP"
         "parallel.pp=$TMD_PP"
     )
+    [[ -z ${TMD_STOP_FILE:-} ]] || TMD_ARGS+=("run.stop_file=$TMD_STOP_FILE")
     [[ -z ${TMD_DEVICE:-} ]] || TMD_ARGS+=("run.device=$TMD_DEVICE")
     [[ -z ${TMD_BACKEND:-} ]] || TMD_ARGS+=("model.backend=$TMD_BACKEND")
     [[ -z ${TMD_MAX_STEPS:-} ]] || TMD_ARGS+=("run.max_steps=$TMD_MAX_STEPS")
@@ -57,9 +58,9 @@ tmd_start_step() {
     local cpus=${SLURM_CPUS_PER_TASK:-1} extra=()
     read -r -a extra <<<"${TMD_SRUN_ARGS:-}" # e.g. pyxis: --container-image=... --container-mounts=...
     if [[ $TMD_LAUNCH_MODE == srun ]]; then
-        # One task per rank; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. Ranks start with
-        # SIGUSR1 ignored (kept across exec) until the trainer installs its handler: a signal during
-        # start-up is then missed, not fatal, and tmd_on_signal repeats it.
+        # One task per rank; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. The launcher never
+        # signals the ranks, but an operator's `scancel --signal=USR1 <job>` does: ranks ignore SIGUSR1 (kept
+        # across exec) until the trainer installs its handler. The few ms before the trap are still exposed.
         # shellcheck disable=SC2016 # $@ is expanded by the inner bash
         srun --kill-on-bad-exit=0 --label --cpus-per-task="$cpus" --ntasks-per-node="$TMD_PROCS_PER_NODE" \
             "${extra[@]}" bash -c 'trap "" USR1; exec "$@"' tmd-rank "${cmd[@]}" "${TMD_ARGS[@]}" &
@@ -73,28 +74,22 @@ tmd_start_step() {
 }
 
 # Trap for the batch shell: SIGUSR1 from sbatch --signal=B:USR1@T before the time limit (or an operator's
-# scancel --batch --signal=USR1), SIGTERM from scancel or preemption. Every rank gets SIGUSR1 (the
-# trainer's "checkpoint and exit 75"); SIGTERM is not forwarded as such because srun and torchrun treat
-# it as "kill the step". The signal is repeated every TMD_RESIGNAL_S while the step runs, for ranks that
-# were still starting up (signal ignored) the first time.
+# scancel --batch --signal=USR1), SIGTERM from scancel or preemption. The ranks are asked through
+# run.stop_file, which rank 0 checks after every step, not by a signal: a signal that reaches a rank before
+# it has set its handler (while srun is starting the tasks) kills it, and the others then wait in the
+# rendezvous until its timeout. A file asked for during start-up is answered after the first step.
 tmd_on_signal() {
     TMD_TRAPPED=1
     [[ $1 != TERM ]] || TMD_TERMINATED=1
-    if ((TMD_FORWARDED)); then
+    if ((TMD_STOP_ASKED)); then
         return
     fi
-    TMD_FORWARDED=1
-    tmd_log "got SIG$1: asking every rank to checkpoint and exit ($TMD_EXIT_REQUEUE)"
-    tmd_signal_ranks
-    (while sleep "${TMD_RESIGNAL_S:-60}"; do
-        tmd_log "ranks still running: repeating SIGUSR1"
-        tmd_signal_ranks
-    done) &
-    TMD_RESIGNAL_PID=$!
-}
-
-tmd_signal_ranks() {
-    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "${TMD_STEP_PID:-}" || true
+    TMD_STOP_ASKED=1
+    tmd_log "got SIG$1: asking every rank to checkpoint and exit ($TMD_EXIT_REQUEUE): writing $TMD_STOP_FILE"
+    if ! : >"$TMD_STOP_FILE"; then
+        tmd_log "cannot write $TMD_STOP_FILE: signalling the ranks instead (a rank still starting may die)"
+        scancel --signal=USR1 "$SLURM_JOB_ID" || true
+    fi
 }
 
 # Waits for the step through trapped signals and returns its exit code. A trap interrupts `wait`
@@ -140,11 +135,14 @@ tmd_main() {
     TMD_PROCS_PER_NODE=${TMD_PROCS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}}
     TMD_PROCS_PER_NODE=${TMD_PROCS_PER_NODE%%(*} # "8(x2)" form when nodes differ
     tmd_check_layout $((SLURM_JOB_NUM_NODES * TMD_PROCS_PER_NODE))
+    TMD_STOP_FILE=$TMD_RUN_DIR/stop_request
     tmd_trainer_args
     mkdir -p "$TMD_RUN_DIR"
+    # A request an earlier attempt already answered; removed before the traps can write a new one.
+    rm -f "$TMD_STOP_FILE"
 
-    # Traps first: the default action of SIGUSR1 would kill this shell.
-    TMD_FORWARDED=0
+    # Traps next: the default action of SIGUSR1 would kill this shell.
+    TMD_STOP_ASKED=0
     TMD_TERMINATED=0
     trap 'tmd_on_signal USR1' USR1
     trap 'tmd_on_signal TERM' TERM
@@ -158,9 +156,6 @@ tmd_main() {
     tmd_start_step
     local rc=0
     tmd_wait_step || rc=$?
-    if [[ -n ${TMD_RESIGNAL_PID:-} ]]; then
-        kill "$TMD_RESIGNAL_PID" 2>/dev/null || true
-    fi
     tmd_log "trainer exited $rc; latest checkpoint: $(tmd_latest)"
 
     if ((rc == 0)); then
@@ -176,9 +171,9 @@ tmd_main() {
     if ((rc == TMD_EXIT_REQUEUE)); then
         tmd_requeue
     fi
-    # torchrun reports any failed rank as 1, so its 75 is lost; after our forwarded signal the step's
+    # torchrun reports any failed rank as 1, so its 75 is lost; after our stop request the step's
     # end is the requeue we asked for (the requeue cap bounds a trainer that keeps failing).
-    if [[ $TMD_LAUNCH_MODE == torchrun ]] && ((TMD_FORWARDED)); then
+    if [[ $TMD_LAUNCH_MODE == torchrun ]] && ((TMD_STOP_ASKED)); then
         tmd_requeue
     fi
     tmd_log "trainer failed (exit $rc): not requeueing; fix the cause and resubmit (it resumes from $(tmd_latest))"

@@ -16,3 +16,12 @@ def slurm():
     left = cluster.processes()
     cluster.remove()
     assert not left, f"processes left after teardown: {[(p.pid, p.name()) for p in left]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left(request):
+    """After each test on the shared cluster, cancel whatever it left running: a hung job would otherwise
+    hold both nodes and fail every later test with a pending job."""
+    yield
+    if "slurm" in request.fixturenames:
+        request.getfixturevalue("slurm").cancel_all()

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -224,6 +225,29 @@ class SlurmCluster:
                 seen.append(now)
             time.sleep(0.2)
         return seen
+
+    def cancel_all(self, timeout: float = 60) -> None:
+        """End every job and wait until the nodes are idle again, so one test's hung job cannot hold the
+        nodes through the next tests."""
+        self.run(["scancel", "--user=root"], check=False, timeout=10)
+        _wait_for(self._all_idle, timeout, "nodes to be idle after scancel")
+
+    def diagnosis(self, job_id: int) -> str:
+        """What a hung job is doing: its controller record, and every process of the cluster with the Python
+        stacks of the ranks (py-spy, when installed)."""
+        lines = [f"== scontrol show job {job_id}", " ".join(f"{k}={v}" for k, v in self.job(job_id).items())]
+        spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        for proc in self.processes():
+            try:
+                cmd = " ".join(proc.cmdline())[:200]
+                lines.append(f"== pid {proc.pid} ppid {proc.ppid()} {proc.status()}: {cmd}")
+            except psutil.Error:
+                continue
+            if spy and (proc.name().startswith("python") or proc.name() in ("tmd-train", "torchrun")):
+                dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                                      timeout=30)
+                lines.append((dump.stdout or dump.stderr)[-2500:])
+        return "\n".join(lines)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"

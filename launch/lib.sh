@@ -1,8 +1,8 @@
 # shellcheck shell=bash disable=SC2153 # the TMD_* settings come from the launcher that sources this file
 # The job flow shared by tmd_14b.sh and tmd_1p3b.sh: start the ranks, turn the time-limit signal into
-# "checkpoint and exit 75" (a stop file the trainer polls), requeue on 75 (at most TMD_MAX_REQUEUES times, never after scancel's SIGTERM),
-# stop on anything else. Sourced after the launcher has set its TMD_* variables (see tmd_14b.sh).
-# docs/operations.md explains the policy.
+# "checkpoint and exit 75" (a stop file the trainer polls), requeue on 75 (at most TMD_MAX_REQUEUES times,
+# never after scancel's SIGTERM), stop on anything else. Sourced after the launcher has set its TMD_*
+# variables (see tmd_14b.sh). docs/operations.md explains the policy.
 #
 # Trainer contract: exit 0 = finished, 75 = checkpoint saved, requeue me, anything else = failure.
 # On start the trainer resumes from <run dir>/checkpoints/latest when it exists.

@@ -8,8 +8,9 @@ procs=$1
 shift
 # torchrun must survive an operator's `scancel --signal=USR1 <job>` (default action: terminate), which
 # slurmstepd delivers to every process of the step; an ignored signal stays ignored across exec, and the
-# ranks install their own handler. (The launcher itself asks the ranks to stop through run.stop_file.) SIGTERM stays torchrun's: it forwards it, then kills ranks after TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
-# raised here from 30 s so a rank that is saving a large checkpoint is not cut short.
+# ranks install their own handler. (The launcher itself asks the ranks to stop through run.stop_file.)
+# SIGTERM stays torchrun's: it forwards it, then kills ranks after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, raised
+# here from 30 s so a rank that is saving a large checkpoint is not cut short.
 trap '' USR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 exec "${TMD_TORCHRUN:-torchrun}" --nnodes="$SLURM_JOB_NUM_NODES" --node-rank="$SLURM_NODEID" \

@@ -275,10 +275,8 @@ class SlurmCluster:
     def stop(self, grace: float = 10) -> None:
         if self.conf.exists() and all(d.poll() is None for d in self._daemons):
             # Let slurmd end the jobs' slurmstepds (they outlive slurmd by design), then stop the daemons.
-            self.run(["scancel", "--user=root"], check=False, timeout=10)
             try:
-                _wait_for(lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip(),
-                          grace + 20, "jobs to end after scancel")
+                self.cancel_all(grace + 20)
             except ClusterError:
                 pass  # whatever is left is killed below
         for daemon in reversed(self._daemons):  # slurmds, then slurmctld, then munged

@@ -166,9 +166,8 @@ def test_layout_covers_every_token_once(tp, cp, sp):
         att = layout.attention_tokens(num_tokens, "cpu")
         padded = layout.padded_len(num_tokens)
         assert padded % (cp * (tp if sp else 1)) == 0 and padded - num_tokens < cp * tp
-        mine = torch.ones_like(att.index, dtype=torch.bool) if att.valid is None else att.valid.view(cp, -1)[
-            layout.topo.cp.rank
-        ]  # which of the tokens this rank's attention sees are real
+        real = padded if att.real_keys is None else att.real_keys
+        mine = (torch.arange(padded) < real).view(cp, -1)[layout.topo.cp.rank]  # which tokens it sees are real
         attn.update(att.index[mine].tolist())
     # SP shards (or CP chunks) in rank order rebuild the padded sequence; TP ranks without SP hold copies
     if sp or tp == 1:

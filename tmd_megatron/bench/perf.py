@@ -23,7 +23,7 @@ from .comm_bound import SCALARS, minimum_received, received
 from .launch import run_cases
 from .timing import load_average
 
-PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "sampling")
+PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "ring", "sampling")
 
 
 def _ms(seconds: float) -> str:
@@ -206,6 +206,35 @@ def memory_table(results: dict, smoke: bool) -> str:
     return "\n".join(out)
 
 
+RING_HEADS, RING_HEAD_DIM = 2, 64  # a 2-head toy model: the issue's 2.6 GB per rank at 16k tokens
+
+
+def _ring_cases(smoke: bool):
+    lengths = {"math": (1024,), "auto": (1024, 2048)} if smoke else \
+        {"math": (2048, 4096, 8192), "auto": (2048, 4096, 8192, 16384, 32768)}
+    return [((kernel, n), ("ring_memory", {"tokens": n, "heads": RING_HEADS, "head_dim": RING_HEAD_DIM,
+                                            "kernel": kernel}))
+            for kernel, ns in lengths.items() for n in ns]
+
+
+def ring_table(results: dict) -> str:
+    from tmd_megatron.training.plan import ring_attention_workspace
+
+    out = [f"One ring-attention forward + backward under CP2 (gloo, fp32, batch 1, {RING_HEADS} heads x "
+           f"{RING_HEAD_DIM}), each length in its own launch; live-tensor peak per rank above the inputs (q, k, v "
+           "and the output gradient), from the profiler's allocator events. `math` = the explicit score-block "
+           "kernel the ring used before (the tests' reference); `auto` = the fused kernel that returns the "
+           "log-sum-exp (here torch's CPU flash kernel). Planner = `ring_attention_workspace`.", "",
+           "| kernel | tokens per rank | live peak (max over ranks) | bytes per token | planner | time (fwd+bwd) |",
+           "|---|---|---|---|---|---|"]
+    for (kernel, n), per_rank in results.items():
+        peak = max(r["live_peak"] for r in per_rank)
+        plan = ring_attention_workspace(1, n, RING_HEADS * RING_HEAD_DIM, 4) if kernel == "auto" else None
+        out.append(f"| {kernel} | {n:,} | {_mib(peak)} | {peak / n:,.0f} | {_mib(plan) if plan else '–'} | "
+                   f"{_ms(max(r['seconds'] for r in per_rank))} |")
+    return "\n".join(out)
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 def run(parts, smoke: bool) -> dict[str, str]:
     tables = {}
@@ -233,6 +262,9 @@ def run(parts, smoke: bool) -> dict[str, str]:
             live = run_cases([("live_memory", kwargs)], world, timeout=900)[0]
             res[name] = [{**a, **b} for a, b in zip(rss, live)]
         tables["memory"] = memory_table(res, smoke)
+    if "ring" in parts:  # a fresh launch per length: the peak is per process
+        res = {key: run_cases([case], 2, timeout=1800)[0] for key, case in _ring_cases(smoke)}
+        tables["ring"] = ring_table(res)
     if "sampling" in parts:
         tables["sampling"] = sampling_table(smoke)
     return tables
@@ -241,7 +273,8 @@ def run(parts, smoke: bool) -> dict[str, str]:
 TITLES = {"dit": "Our Wan DiT vs diffusers", "jvp": "TM-MF step: FD-JVP vs exact JVP",
           "comm": "Bytes communicated per step vs the analytic minimum",
           "pipeline": "Pipeline idle fraction of the trio vs (p−1)/(m+p−1)",
-          "memory": "Planner memory estimate vs measured peak", "sampling": "Sampling cost vs effective NFE"}
+          "memory": "Planner memory estimate vs measured peak",
+          "ring": "Ring attention memory vs length (CP2)", "sampling": "Sampling cost vs effective NFE"}
 
 
 def render(tables: dict[str, str], command: str, seconds: float, load: tuple[float, float]) -> str:

@@ -5,6 +5,7 @@ measured from inside. `python -m tmd_megatron.bench.ranks CASES_JSON OUT_DIR` ru
 - comm:     bytes counted by `count_comm` in one training step (after a warm-up step), per (op, group);
 - pipeline: busy and wall time of every pipelined pass of stage-2 steps (PipelineResult.trace), and step times;
 - live_memory: peak bytes of live tensors over the same steps (profiler allocator events);
+- ring_memory: live-tensor peak and time of one ring-attention forward + backward at a given length;
 - memory:   peak resident memory of the process during training steps above its level before the models were
             built, beside the exact bytes of the model states (weights, gradients, optimizer states). The peak is
             the process's high-water mark, so a memory case must be the only case of its launch.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import sys
 import time
@@ -122,39 +124,76 @@ def memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
             "peak_above_baseline": peak - baseline, "state_bytes": _state_bytes(trainer)}
 
 
-def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
-    """Peak bytes of live tensors over the same steps, from the profiler's allocator events (its running
-    "Total Allocated" counts every tensor allocated after profiling started, less those freed): the CPU
-    counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that the
-    resident-memory peak of `memory_case` also holds. The counter is per process: alone in its launch."""
+def live_tensor_peak(fn) -> tuple[int, object]:
+    """(peak bytes of live tensors while fn() runs, its result), from the profiler's allocator events: its
+    running "Total Allocated" counts every tensor allocated after profiling started, less those freed. The CPU
+    counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that a resident-
+    memory peak also holds. Tensors alive before the call are not counted."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    res, topo, make = _trainer(overrides, out_dir)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = make()
-        trainer.start()
-        for _ in range(steps):
-            trainer.advance()
+        result = fn()
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         with trace.open() as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    if not totals:
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
         raise RuntimeError("the profiler recorded no CPU allocations; this torch build does not report them")
-    return {"rank": topo.world.rank, "stage": topo.pp.rank, "live_peak": max(totals)}
+    mem = [e["args"] for e in mem]
+    # The counter (c10 ProfiledCPUMemoryReporter) also holds tensors allocated under an earlier profile of this
+    # process and still alive: start from its value before the first allocation seen here.
+    start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(a["Total Allocated"] for a in mem) - start, result
 
 
-CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case, "live_memory": live_memory_case}
+def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    """Peak bytes of live tensors over the same steps as `memory_case` (building the models included). The
+    counter is per process: alone in its launch."""
+    res, topo, make = _trainer(overrides, out_dir)
+
+    def run():
+        trainer = make()
+        trainer.start()
+        for _ in range(steps):
+            trainer.advance()
+
+    peak, _ = live_tensor_peak(run)
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "live_peak": peak}
+
+
+def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype: str = "float32",
+                     out_dir: str = "") -> dict:
+    """Live-tensor peak of one ring-attention forward + backward at `tokens` tokens per rank (batch 1)
+    above its inputs, and its time: the attention workspace the CP path needs."""
+    from tmd_megatron.parallel import init_topology
+    from tmd_megatron.parallel.attention import RingAttention
+
+    topo = init_topology(cp=int(os.environ["WORLD_SIZE"]), device="cpu", timeout_s=600)
+    g = torch.Generator().manual_seed(topo.cp.rank)
+    q, k, v, dout = (torch.randn(1, tokens, heads, head_dim, generator=g).to(getattr(torch, dtype)) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    attn = RingAttention(topo.cp, kernel)
+
+    def run():
+        t0 = time.perf_counter()
+        attn(q, k, v).backward(dout)
+        return time.perf_counter() - t0
+
+    peak, seconds = live_tensor_peak(run)
+    return {"rank": topo.world.rank, "live_peak": peak, "seconds": seconds}
+
+
+CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case, "live_memory": live_memory_case,
+         "ring_memory": ring_memory_case}
 
 
 def main() -> None:
-    import os
-
     cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
     results = [CASES[name](out_dir=str(out / f"case{i}"), **kwargs) for i, (name, kwargs) in enumerate(cases)]

@@ -1,84 +1,84 @@
 """Self-attention cores for context parallelism: ring (K/V rotation, online softmax) and Ulysses (all-to-all).
 
 Both take this rank's contiguous chunk of the (padded) token sequence, [B, L_chunk, heads, d], and return
-the attention output for it. `key_valid`, when given, is the mask of the whole padded sequence
-[L_chunk * cp] (the layout pads at the end; padded keys are masked, padded queries are discarded later).
-Optional flash-attn core for the non-CP path (CUDA only).
+the attention output for it. `real_keys`, when given, is how many tokens of the whole padded sequence
+[L_chunk * cp] are real: the layout pads at the end, so padded keys are sliced off (never a mask, which would
+force an unfused kernel) and padded queries are discarded later. Optional flash-attn core (CUDA only).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tmd_megatron.models.wan.layers import SDPAttention
+from tmd_megatron.models.wan.layers import SDPAttention, real_key_slice
 
 from . import comm
+from .chunk_attention import select_kernel
 from .comm import CommGroup
 
 
 # ---- ring attention --------------------------------------------------------------------------------------------
-def _masked_scores(q, k, valid, scale):
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return s if valid is None else s.masked_fill(~valid, float("-inf"))
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """-inf (a row whose keys are all masked) -> 0, so exp(x - lse) gives 0 instead of nan."""
-    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+def _real_keys_of(chunk: int, length: int, real_keys: int | None) -> int:
+    """Real keys in K/V chunk `chunk` of `length` tokens: padding sits at the end of the whole sequence."""
+    if real_keys is None:
+        return length
+    return max(0, min(length, real_keys - chunk * length))
 
 
 class _RingAttention(torch.autograd.Function):
-    """Exact softmax attention over K/V chunks passed around the CP ring (math in fp32, fp64 for fp64 inputs).
+    """Exact softmax attention over K/V chunks passed around the CP ring.
 
-    Forward keeps a running (output, log-sum-exp) and merges each chunk's partial result. Backward recomputes
-    the probabilities chunk by chunk from the saved log-sum-exp (as flash attention does) and passes K/V around
-    again rather than keeping the other chunks from the forward (their memory is what the ring saves). The dK/dV
-    of a remote chunk travel one rank behind it, starting where it is first seen, and reach its owner after
-    cp - 1 hops; the owner adds its own part last.
+    Each chunk is computed by a fused kernel that returns its log-sum-exp (chunk_attention.py); the partial
+    outputs are merged by LSE in fp32 (fp64 for fp64 inputs), so no [Lc, Lc] score block is kept and memory is
+    linear in the chunk length. Backward hands the *merged* output and LSE to the kernel's backward for each
+    chunk (exact: P = exp(S - lse), delta = rowsum(dO * O)) and passes K/V around again rather than keeping
+    the other chunks from the forward (their memory is what the ring saves). The dK/dV of a remote chunk travel
+    one rank behind it in fp32, starting where it is first seen, and reach its owner after cp - 1 hops; the
+    owner adds its own part last. Padded keys (the end of the sequence) are sliced off, never masked.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, valid, group: CommGroup):
+    def forward(ctx, q, k, v, real_keys, group: CommGroup, kernel_name: str):
         n, r = group.size, group.rank
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
         scale = q.shape[-1] ** -0.5
-        chunks = None if valid is None else valid.view(n, -1)
+        kernel = select_kernel(q, kernel_name)
+        length = k.shape[-2]
         acc = torch.promote_types(q.dtype, torch.float32)
-        q32 = q.to(acc)
-        out = torch.zeros_like(q32)
-        lse = torch.full(q32.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+        aux = [None] * n
         k_cur, v_cur = k.contiguous(), v.contiguous()
         for step in range(n):
             if step < n - 1:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 pending = comm.exchange(group, [(k_cur, nxt), (v_cur, nxt)], [(k_nxt, prv), (v_nxt, prv)], True)
             src = (r - step) % n
-            s = _masked_scores(q32, k_cur.to(acc), None if chunks is None else chunks[src], scale)
-            blk_lse = torch.logsumexp(s, dim=-1)
-            blk_out = torch.matmul(torch.exp(s - _finite(blk_lse)[..., None]), v_cur.to(acc))
-            new_lse = torch.logaddexp(lse, blk_lse)
-            safe = _finite(new_lse)[..., None]
-            out = out * torch.exp(lse[..., None] - safe) + blk_out * torch.exp(blk_lse[..., None] - safe)
-            lse = new_lse
+            keep = _real_keys_of(src, length, real_keys)
+            if keep:
+                blk_out, blk_lse, aux[src] = kernel.forward(q, k_cur[..., :keep, :], v_cur[..., :keep, :], scale)
+                blk_lse = blk_lse.to(acc)
+                new_lse = torch.logaddexp(lse, blk_lse)
+                # a row's first chunk has lse = -inf: exp(-inf - new) = 0 weights the empty accumulator out
+                out = out * torch.exp(lse - new_lse)[..., None] + blk_out.to(acc) * torch.exp(blk_lse - new_lse)[..., None]
+                lse = new_lse
             if step < n - 1:
                 pending.wait()
                 k_cur, v_cur = k_nxt, v_nxt
-        ctx.save_for_backward(q, k, v, out, lse, valid)
-        ctx.group = group
+        ctx.save_for_backward(q, k, v, out.to(q.dtype) if kernel.name != "math" else out, lse)
+        ctx.group, ctx.kernel, ctx.real_keys, ctx.aux = group, kernel, real_keys, aux
         return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, valid = ctx.saved_tensors
-        group = ctx.group
+        q, k, v, out, lse = ctx.saved_tensors
+        group, kernel = ctx.group, ctx.kernel
         n, r = group.size, group.rank
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
         scale = q.shape[-1] ** -0.5
-        chunks = None if valid is None else valid.view(n, -1)
-        acc = out.dtype
-        q32, do32 = q.to(acc), dout.to(acc)
-        delta = (do32 * out).sum(dim=-1, keepdim=True)
-        dq = torch.zeros_like(q32)
+        length = k.shape[-2]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         travelling = None  # (dK, dV) of the chunk this rank sees next, sent on by the previous rank
         for step in range(n):
@@ -86,13 +86,15 @@ class _RingAttention(torch.autograd.Function):
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 pending = comm.exchange(group, [(k_cur, nxt), (v_cur, nxt)], [(k_nxt, prv), (v_nxt, prv)], True)
             src = (r - step) % n
-            k32, v32 = k_cur.to(acc), v_cur.to(acc)
-            s = _masked_scores(q32, k32, None if chunks is None else chunks[src], scale)
-            p = torch.exp(s - lse[..., None])
-            dv = torch.matmul(p.transpose(-1, -2), do32)
-            ds = p * (torch.matmul(do32, v32.transpose(-1, -2)) - delta)
-            dq = dq + torch.matmul(ds, k32) * scale
-            dk = torch.matmul(ds.transpose(-1, -2), q32) * scale
+            keep = _real_keys_of(src, length, ctx.real_keys)
+            dk = torch.zeros(k_cur.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v_cur.shape, dtype=acc, device=v.device)
+            if keep:
+                dq_b, dk_b, dv_b = kernel.backward(dout, q, k_cur[..., :keep, :], v_cur[..., :keep, :], out, lse,
+                                                   scale, ctx.aux[src])
+                dq += dq_b
+                dk[..., :keep, :] = dk_b
+                dv[..., :keep, :] = dv_b
             if step == 0:
                 dk_own, dv_own = dk, dv
             else:  # chunk src's accumulator moves on to rank r + 1, which sees src next (its owner after the last)
@@ -106,19 +108,22 @@ class _RingAttention(torch.autograd.Function):
                 k_cur, v_cur = k_nxt, v_nxt
         if travelling is not None:  # everyone else's part of this rank's dK/dV
             dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
-        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
 
 
 class RingAttention(nn.Module):
-    def __init__(self, group: CommGroup):
-        super().__init__()
-        self.group = group
+    """Ring attention on [B, L_chunk, heads, d]; `kernel` picks the chunk kernel ('auto': fused for the device)."""
 
-    def forward(self, q, k, v, key_valid=None):
+    def __init__(self, group: CommGroup, kernel: str = "auto"):
+        super().__init__()
+        self.group, self.kernel = group, kernel
+
+    def forward(self, q, k, v, real_keys=None):
         q, k = q.to(v.dtype), k.to(v.dtype)
-        # the chunk math accumulates in fp32 on purpose: autocast must not turn its matmuls into bf16
+        # the merge accumulates in fp32 on purpose: autocast must not turn its arithmetic into bf16
         with torch.autocast(device_type=v.device.type, enabled=False):
-            out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_valid, self.group)
+            out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), real_keys,
+                                       self.group, self.kernel)
         return out.transpose(1, 2)
 
 
@@ -143,7 +148,7 @@ class UlyssesAttention(nn.Module):
         super().__init__()
         self.group, self.core = group, core
 
-    def forward(self, q, k, v, key_valid=None):
+    def forward(self, q, k, v, real_keys=None):
         n = self.group.size
         b, chunk, heads, d = q.shape
         if heads % n:
@@ -155,7 +160,7 @@ class UlyssesAttention(nn.Module):
         x = torch.stack([t.to(v.dtype).unflatten(2, (n, heads // n)).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 1)
         x = _AllToAll.apply(x, self.group)  # [cp (token chunk), 3, B, Lc, H/cp, d]
         x = x.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [3, B, L, H/cp, d]
-        o = self.core(x[0], x[1], x[2], key_valid)  # [B, L, H/cp, d]
+        o = self.core(x[0], x[1], x[2], real_keys)  # [B, L, H/cp, d]
         o = o.unflatten(1, (n, chunk)).permute(1, 0, 2, 3, 4)  # [cp (token chunk), B, Lc, H/cp, d]
         o = _AllToAll.apply(o.contiguous(), self.group)  # [cp (head group), B, Lc, H/cp, d]
         return o.permute(1, 2, 0, 3, 4).flatten(2, 3)
@@ -163,7 +168,7 @@ class UlyssesAttention(nn.Module):
 
 # ---- local cores ----------------------------------------------------------------------------------------------------
 class FlashAttention(nn.Module):
-    """flash-attn's kernel for unmasked bf16/fp16 CUDA attention; anything else falls back to torch SDPA."""
+    """flash-attn's kernel for bf16/fp16 CUDA attention; anything else falls back to torch SDPA."""
 
     def __init__(self):
         super().__init__()
@@ -172,11 +177,11 @@ class FlashAttention(nn.Module):
         self._flash = flash_attn_func
         self._fallback = SDPAttention()
 
-    def forward(self, q, k, v, key_valid=None):
-        usable = key_valid is None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16)
-        if not usable:
-            return self._fallback(q, k, v, key_valid)
-        return self._flash(q.to(v.dtype), k.to(v.dtype), v)
+    def forward(self, q, k, v, real_keys=None):
+        if not (v.is_cuda and v.dtype in (torch.float16, torch.bfloat16)):
+            return self._fallback(q, k, v, real_keys)
+        k, v = real_key_slice(k, real_keys), real_key_slice(v, real_keys)
+        return self._flash(q.to(v.dtype), k.to(v.dtype), v)  # [B, L, heads, d] in and out (flash_attn_func)
 
 
 def make_local_attention(kind: str = "sdpa") -> nn.Module:

@@ -52,15 +52,14 @@ class ShardedTokenLayout:
         return gather_replicated(tokens_B_l_D, self.group, 1).narrow(1, 0, num_tokens)
 
     def attention_tokens(self, num_tokens: int, device) -> AttentionTokens:
-        """The CP chunk self-attention sees on this rank; `valid` masks padding over the whole padded sequence."""
+        """The CP chunk self-attention sees on this rank; padding beyond `num_tokens` is left out as keys."""
         padded = self.padded_len(num_tokens)
         chunk = padded // self.cp
         index = self.topo.cp.rank * chunk + torch.arange(chunk, device=device)
-        valid = None
-        if padded != num_tokens:
-            valid = torch.arange(padded, device=device) < num_tokens
-            index = torch.where(index < num_tokens, index, torch.zeros_like(index))
-        return AttentionTokens(index, valid)
+        if padded == num_tokens:
+            return AttentionTokens(index, None)
+        index = torch.where(index < num_tokens, index, torch.zeros_like(index))
+        return AttentionTokens(index, num_tokens)
 
     def replicated_input(self, x: torch.Tensor) -> torch.Tensor:
         """Identity forward; backward sums the partial input gradient over the ranks sharing its tokens."""

@@ -10,7 +10,8 @@ on the meta device for a virtual topology. Memory model per rank (the worst pipe
   b·L·F + c·T·D + e·L + autocast weight casts; tests/training/test_plan.py re-measures), for the largest
   graph a step holds on the stage (e.g. the TMD rollout's N flow-head passes), times the microbatches a 1F1B
   stage holds; with activation checkpointing, block inputs plus one block's full set; or, where larger, the two
-  master-shard temporaries of the AdamW step (the peak then lies there). Checked against the live-tensor peak of
+  master-shard temporaries of the AdamW step (the peak then lies there); under ring CP, one attention call's
+  workspace on top (linear in the chunk length, RING_WORKSPACE). Checked against the live-tensor peak of
   real steps by `python -m tmd_megatron.bench.perf --only memory` (docs/benchmarks.md).
 Traffic per iteration comes from the analytic model in tmd_megatron/parallel/comm_model.py.
 """
@@ -90,6 +91,18 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+# Transient bytes of one ring-attention forward + backward per (token, channel) of a rank's chunk: a·e + b for
+# input element size e (accumulators, the merged output and the travelling dK/dV stay fp32). Fitted on the CPU
+# flash kernel at 4k and 8k tokens, fp32 and bf16 (`python -m tmd_megatron.bench.perf --only ring` re-measures).
+RING_WORKSPACE = (7.5, 35.0)
+
+
+def ring_attention_workspace(batch: int, tokens: int, channels: int, elem_bytes: int) -> float:
+    """Bytes a ring-attention call needs beyond its inputs: linear in the chunk length (fused chunk kernels)."""
+    a, b = RING_WORKSPACE
+    return batch * tokens * channels * (a * elem_bytes + b)
 
 
 # ---- activations ------------------------------------------------------------------------------------------
@@ -311,6 +324,11 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
         # two temporaries of a master shard (sqrt of the second moment, its scaled copy); with shards, the
         # gradient reduction flattens a whole bucket and the step all-gathers one (4 bytes a parameter).
         act = _activation_bytes(res, lay, span, stage == lay.pp - 1, stage)
+        if lay.cp > 1 and lay.cp_mode == "ring":
+            ring = ring_attention_workspace(lay.micro_batch, math.ceil(_tokens(res.wan, tuple(res.raw.data.latent))
+                                                                       / lay.cp), res.wan.dim // lay.tp,
+                                            2 if bf16 else 4)
+            rows.append(("ring attention workspace (one call, transient)", ring))
         largest = max(count[r] for r in ("student", "fake", "disc") if r in count)
         optim = largest * max(8 / shard, 4 if shard > 1 else 0)
         rows.append(("activations (largest pass)", act) if act >= optim else

@@ -38,13 +38,13 @@ class WanSelfAttention(nn.Module):
         self.norm_k = layers.qk_norm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.attn = layers.self_attention()
 
-    def forward(self, x, rope_cos, rope_sin, key_valid=None):
+    def forward(self, x, rope_cos, rope_sin, real_keys=None):
         # The head count is read from the projection width, so a tensor-parallel shard holds n/tp heads.
         q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
         k = self.norm_k(self.k(x)).unflatten(-1, (-1, self.head_dim))
         v = self.v(x).unflatten(-1, (-1, self.head_dim))
         q, k = rotate(q, rope_cos, rope_sin), rotate(k, rope_cos, rope_sin)
-        return self.o(self.attn(q, k, v, key_valid).flatten(-2))
+        return self.o(self.attn(q, k, v, real_keys).flatten(-2))
 
 
 class WanCrossAttention(nn.Module):
@@ -82,11 +82,11 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, context, e0_B_6_D, rope_cos, rope_sin, key_valid=None):
+    def forward(self, x, context, e0_B_6_D, rope_cos, rope_sin, real_keys=None):
         with fp32_region(x.device):
             mod = (self.modulation + e0_B_6_D).unsqueeze(2)  # [B, 6, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        y = self.self_attn(norm_modulate(self.norm1, x, shift1, scale1), rope_cos, rope_sin, key_valid)
+        y = self.self_attn(norm_modulate(self.norm1, x, shift1, scale1), rope_cos, rope_sin, real_keys)
         x = x + y * gate1
         x = x + self.cross_attn(self.norm3(x), context)
         y = self.ffn(norm_modulate(self.norm2, x, shift2, scale2))

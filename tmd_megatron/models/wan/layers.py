@@ -55,17 +55,23 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x32, self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+def real_key_slice(x_B_L_H_d: torch.Tensor, real_keys: int | None) -> torch.Tensor:
+    """The first `real_keys` tokens (padding sits at the end of the sequence); all when None."""
+    return x_B_L_H_d if real_keys is None else x_B_L_H_d[:, :real_keys]
+
+
 class SDPAttention(nn.Module):
     """Global (non-causal) softmax attention on [B, L, heads, d] tensors, scale 1/sqrt(d).
 
-    `key_valid` ([L_k] bool, True = attend) masks padded keys; queries are never masked. q and k arrive in
-    fp32 from RoPE; like the original's flash-attn call they are cast to v's dtype (bf16 under autocast).
+    `real_keys` (int) keeps only the first keys: padding added for parallel splits sits at the end, and a slice
+    keeps the fused kernels that a mask would rule out. Queries are never masked. q and k arrive in fp32 from
+    RoPE; like the original's flash-attn call they are cast to v's dtype (bf16 under autocast).
     """
 
-    def forward(self, q, k, v, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        mask = None if key_valid is None else key_valid[None, None, None, :]
+    def forward(self, q, k, v, real_keys: int | None = None) -> torch.Tensor:
+        k, v = real_key_slice(k, real_keys), real_key_slice(v, real_keys)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
 
 

@@ -15,11 +15,12 @@ import torch
 class AttentionTokens:
     """Global indices (into the frame-major flat grid) of the tokens attention sees on this rank.
 
-    `valid` is False for padding added to make the token count divisible; such keys are masked.
+    Padding added to make the token count divisible sits at the end of the whole sequence: keys from
+    `real_keys` on are left out of attention.
     """
 
     index: torch.Tensor  # [L_att] int64, padding rows point at token 0
-    valid: torch.Tensor | None  # [L_att] bool, or None when every token is real
+    real_keys: int | None  # tokens in the whole (padded) sequence that are real, or None when all are
 
 
 class LocalLayout:

@@ -38,7 +38,7 @@ class TokenGeometry:
     num_tokens: int  # F'·H'·W' (global)
     rope_cos: torch.Tensor  # [L_att, d/2]
     rope_sin: torch.Tensor
-    key_valid: torch.Tensor | None  # [L_att] bool or None
+    real_keys: int | None  # keys [0, real_keys) of the padded sequence are tokens; None: all
 
 
 class WanHead(nn.Module):
@@ -94,7 +94,7 @@ class WanModel(nn.Module):
         pos = grid_positions(grid, device)[att.index]
         angles = rope_angles(pos, self.config.rope_split, self.config.rope_theta, self.config.rope_max_positions)
         cos, sin = rope_cos_sin(angles, torch.float32)
-        return TokenGeometry(grid, num_tokens, cos, sin, att.valid)
+        return TokenGeometry(grid, num_tokens, cos, sin, att.real_keys)
 
     def embed_tokens(self, x_B_C_F_H_W: torch.Tensor) -> tuple[torch.Tensor, TokenGeometry]:
         """This process's share of the patch tokens [B, L_local, D] and their geometry."""
@@ -142,7 +142,7 @@ class WanModel(nn.Module):
             raise ValueError(f"block range [{start}, {end}) is outside the model's {len(self.blocks)} blocks")
         hidden = {}
         for i in range(start, end):
-            args = (tokens, context, e0, geom.rope_cos, geom.rope_sin, geom.key_valid)
+            args = (tokens, context, e0, geom.rope_cos, geom.rope_sin, geom.real_keys)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(self.blocks[i], *args, use_reentrant=False)
             else:

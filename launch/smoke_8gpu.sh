@@ -1,7 +1,7 @@
 #!/bin/bash
 # Smoke test on one node: the tiny recipe over TP2 x CP2 x PP2 (8 ranks) for a few steps, then a check
 # that the run ended on a committed checkpoint of its last step. No SLURM needed (torchrun --standalone).
-#   bash launch/smoke_8gpu.sh                    # 8 GPUs: NCCL, Transformer Engine backend
+#   bash launch/smoke_8gpu.sh                    # 8 GPUs: NCCL, Transformer Engine backend, bf16
 #   TMD_DEVICE=cpu bash launch/smoke_8gpu.sh     # 8 CPU processes: gloo, torch backend (make smoke, CI)
 #   mkdir -p logs && sbatch launch/smoke_8gpu.sh # on a GPU node of the cluster
 #SBATCH --job-name=tmd-smoke
@@ -30,6 +30,9 @@ if [[ $TMD_DEVICE == cpu ]]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
     : "${TMD_BACKEND:=te}"
+    # Transformer Engine has no fp32 attention kernel under context parallelism (tmd-plan refuses it): the GPU
+    # smoke runs in bf16 autocast, the policy of the real recipes. Later overrides still win.
+    [[ $TMD_BACKEND != te ]] || TMD_OVERRIDES="model.compute_dtype=bf16 ${TMD_OVERRIDES}"
 fi
 keep_run_dir=${TMD_RUN_DIR:+1}
 : "${TMD_RUN_DIR:=$(mktemp -d "${TMPDIR:-/tmp}/tmd-smoke.XXXXXX")}"

@@ -1,5 +1,6 @@
-"""Two gloo ranks, launched with SLURM variables: every 2-rank layout against one process, the comm
-accounting, negative controls, and the pipeline engine on a generic stage function. One spawn."""
+"""Two gloo ranks, launched with SLURM variables: every 2-rank layout against one process (fp32, fp64 with
+activation checkpointing, bf16 autocast), the comm accounting, negative controls, and the pipeline engine on a
+generic stage function. One spawn."""
 import pytest
 
 from multirank import run_ranks
@@ -20,12 +21,14 @@ EXTRA = {
     "cp2_ulysses_even": dict(cp=2, cp_comm="ulysses", latent=(2, 8, 8)),
     "pp2_gpipe": dict(pp=2, microbatches=4, schedule="gpipe"),
 }
+# bf16 autocast (the GPU recipes' policy) against the fp32 reference, within twice one process's bf16 error
+BF16 = {f"{k}_bf16": {**v, "autocast": "bfloat16"} for k, v in LAYOUTS.items() if k != "dp2_zero1"}
 SABOTAGE = {
     "broken_qk_norm": dict(tp=2, sabotage="local_qk_norm"),
     "extra_counted": dict(tp=2, sabotage="extra_counted"),
     "extra_raw": dict(tp=2, sabotage="extra_raw"),
 }
-CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **SABOTAGE}
+CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **BF16, **SABOTAGE}
 
 
 @pytest.fixture(scope="module")

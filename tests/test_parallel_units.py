@@ -281,5 +281,5 @@ def test_zero_adamw_equals_adamw_with_clipping_and_resumes():
 def test_te_backend_without_transformer_engine_names_the_fix():
     with pytest.raises(RuntimeError, match="backend='torch'"):
         parallelize(TINY, Topology.single(), {}, backend="te")
-    with pytest.raises(RuntimeError, match="use backend='torch'"):
+    with pytest.raises(ValueError, match="parallelize"):
         WanModel(TINY, backend="te")

@@ -29,7 +29,15 @@ INVALID = [
     (TINY + ["data.latent=[16,1,2,2]", "parallel.cp=2", "parallel.tp=2"], 4, "lower cp"),
     (TINY + ["distill.head_blocks=4"], 1, "set distill.head_blocks"),
     (TINY + ["method.dmd2v.disc_layers=[1,7]"], 1, "discriminator layers [7] are outside the teacher's blocks 0..3"),
-    (TINY + ["model.backend=te"], 1, "use model.backend=torch on this machine"),
+    (TINY + ["model.backend=te", "parallel.cp=2"], 2, "no fp32 attention kernel"),
+    (TINY + ["model.backend=te", "model.compute_dtype=bf16", "parallel.cp=2", "data.latent=[16,3,10,14]"], 2,
+     "105 video tokens do not divide into cp*tp = 2"),
+    (TINY + ["model.backend=te", "model.compute_dtype=bf16", "parallel.cp=2", "data.latent=[16,3,6,4]"], 2,
+     "needs an even token count per CP rank"),
+    (TINY + ["model.backend=mojo"], 1, "use 'torch' or 'te'"),
+    # launch/smoke_8gpu.sh on GPU nodes: TE, bf16, TP2 x CP2 x PP2 (48 tokens) -- accepted
+    (TINY + ["model.backend=te", "model.compute_dtype=bf16", "parallel.tp=2", "parallel.cp=2", "parallel.pp=2"], 8,
+     None),
     (TINY + ["model.compute_dtype=bf16", "run.device=cpu"], 1, "on CPU use model.compute_dtype=fp32"),
     (TINY + ["data.loader=pandas"], 1, "use 'torch' or 'dali'"),
     (TINY + ["optim.lr=0"], 1, "set optim.lr"),
@@ -65,6 +73,16 @@ def test_invalid_recipes_are_refused_naming_the_fix(overrides, world, phrase):
         assert problems == []
     else:
         assert any(phrase in p for p in problems), problems
+
+
+def test_te_without_cuda_is_refused_where_it_would_run_not_where_it_is_planned():
+    from tmd_megatron.training.plan import check_recipe
+
+    res = resolve(compose(TINY + ["model.backend=te"]))
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert any("use model.backend=torch on this machine" in p for p in check_recipe(res, 1))
+    assert check_recipe(res, 1, here=False) == []  # tmd-plan on a login node plans for the GPU nodes
 
 
 def test_at_least_fifteen_kinds_are_covered():

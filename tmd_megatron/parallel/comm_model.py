@@ -4,7 +4,9 @@ Keys: (op, group) -> (calls, bytes) on one rank.
 
 Symbols per microbatch: b samples, L tokens, S = cp*(tp if SP) shards, L_p = ceil(L/S)*S, L_c = L_p/cp (the
 chunk attention sees), L_s = L_p/S (the residual shard), D model dim, D_l = D/tp, T text length,
-P = out_dim*patch volume, e bytes per element (4 in fp32).
+P = out_dim*patch volume, e bytes per element of the compute dtype (4 in fp32, 2 under bf16 autocast) and
+f = max(e, 4) for what stays at least fp32 under autocast: Wan's residual stream (pipeline boundaries, merged
+hidden states), the fp32 head output, the time conditioning, q/k norm sums of squares, ring dK/dV accumulators.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def pipeline_comm(
     D, Dl, T = cfg.dim, cfg.dim // tp, cfg.text_len
     P = cfg.out_dim * math.prod(cfg.patch_size)
     first, last = pp_rank == 0, pp_rank == pp - 1
+    f = max(e, 4)
     t = Tally()
 
     def block_forward():
@@ -49,8 +52,8 @@ def pipeline_comm(
                 t.add("reduce_scatter", "tp", 3, b * Lc * D * e)
             else:  # all-reduce after the three row-parallel linears
                 t.add("all_reduce", "tp", 3, b * Lc * D * e)
-            t.add("all_reduce", "tp", 3, b * Lc * e)  # sum of squares: self q, self k, cross q
-            t.add("all_reduce", "tp", 1, b * T * e)  # cross k on the text
+            t.add("all_reduce", "tp", 3, b * Lc * f)  # sum of squares: self q, self k, cross q
+            t.add("all_reduce", "tp", 1, b * T * f)  # cross k on the text
         if cp > 1:
             if cp_comm == "ring":  # k and v rotated cp-1 times
                 t.add("send", "cp", 2 * (cp - 1), b * Lc * Dl * e)
@@ -67,11 +70,11 @@ def pipeline_comm(
             else:  # input gradients of the column-parallel linears: tokens x3, text once (k and v share it)
                 t.add("all_reduce", "tp", 3, b * Lc * D * e)
                 t.add("all_reduce", "tp", 1, b * T * D * e)
-            t.add("all_reduce", "tp", 3, b * Lc * e)
-            t.add("all_reduce", "tp", 1, b * T * e)
+            t.add("all_reduce", "tp", 3, b * Lc * f)
+            t.add("all_reduce", "tp", 1, b * T * f)
         if cp > 1:
             if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv (fp32 or wider) reach their owner in cp-1 hops
-                for n, size in ((2 * (cp - 1), e), (2 * (cp - 1), max(e, 4))):
+                for n, size in ((2 * (cp - 1), e), (2 * (cp - 1), f)):
                     t.add("send", "cp", n, b * Lc * Dl * size)
                     t.add("recv", "cp", n, b * Lc * Dl * size)
             else:
@@ -87,13 +90,13 @@ def pipeline_comm(
                 block_backward()
         if S > 1:
             if last:
-                t.add("all_gather", group, 1, b * Lp * P * e)  # merge the head output
+                t.add("all_gather", group, 1, b * Lp * P * f)  # merge the head output
             if hidden_block is not None and hidden_block in blocks:
-                t.add("all_gather", group, 1, b * Lp * D * e)  # merge the captured hidden state
+                t.add("all_gather", group, 1, b * Lp * D * f)  # merge the captured hidden state
             if first and x_grad and backward:
-                t.add("all_reduce", group, 1, b * cfg.in_dim * math.prod(latent) * e)  # input gradient
+                t.add("all_reduce", group, 1, b * cfg.in_dim * math.prod(latent) * f)  # input gradient
         if pp > 1:
-            boundary = [b * Ls * D * e, b * T * D * e, b * D * e, b * 6 * D * e]
+            boundary = [b * Ls * D * f, b * T * D * e, b * D * f, b * 6 * D * f]  # residual, text, e, e0
             for nbytes in boundary:
                 if not last:
                     t.add("send", "pp", 1, nbytes)  # activations forward

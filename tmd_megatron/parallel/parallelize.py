@@ -57,6 +57,26 @@ def check_layout(config: WanConfig, topo: Topology, cp_comm: str = "ring") -> No
         raise ValueError("cannot parallelize this Wan model: " + "; ".join(problems))
 
 
+def check_te_layout(num_tokens: int, tp: int, cp: int, sequence_parallel: bool, compute_dtype: str,
+                    cp_comm: str = "ring") -> list[str]:
+    """What Transformer Engine cannot run for this layout, each naming its fix (empty when it can)."""
+    problems = []
+    if cp > 1:
+        if compute_dtype != "bf16":
+            problems.append("backend 'te' under context parallelism has no fp32 attention kernel (TE: 'No dot product "
+                            "attention backend is available'): set model.compute_dtype=bf16, or model.backend=torch")
+        shards = cp * (tp if sequence_parallel and tp > 1 else 1)
+        if num_tokens % shards:
+            problems.append(f"backend 'te' under context parallelism takes no padding mask, and {num_tokens} video "
+                            f"tokens do not divide into cp*tp = {shards} equal shards: choose a latent size whose "
+                            f"token count divides {shards}, or model.backend=torch")
+        elif (num_tokens // cp) % 2:
+            problems.append(f"backend 'te' with cp_comm={cp_comm} needs an even token count per CP rank; {num_tokens} "
+                            f"tokens over cp={cp} gives {num_tokens // cp}: choose a cp for which "
+                            f"{num_tokens} % (2*cp) == 0, or model.backend=torch")
+    return problems
+
+
 def stage_span(config: WanConfig, pp: int, pp_rank: int, stage_ranges: Sequence[tuple[int, int]] | None) -> StageSpan:
     if stage_ranges is None:
         stage_ranges = partition_blocks([1.0] * config.num_layers, pp)

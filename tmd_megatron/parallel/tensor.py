@@ -128,7 +128,10 @@ def gather_replicated(x: torch.Tensor, group: CommGroup, dim: int) -> torch.Tens
 # ---- layers -------------------------------------------------------------------------------------------------------
 class InputRegion:
     """Enters the TP region once per input tensor, so q, k and v (which read the same tensor) share one
-    all-gather forward and one reduce-scatter (or all-reduce) backward instead of three."""
+    all-gather forward and one reduce-scatter (or all-reduce) backward instead of three.
+
+    Under autocast the input is cast to the autocast dtype first: the linears would cast it anyway (same values),
+    and the gather and its reduce-scatter then move bf16, as Megatron's do, instead of Wan's fp32 stream."""
 
     def __init__(self, group: CommGroup):
         self.group = group
@@ -140,7 +143,9 @@ class InputRegion:
         last = self._last
         if last and last[0] is x and last[1] == x._version and last[2] == torch.is_grad_enabled() and last[3] == mode:
             return last[4]
-        out = gather_along(x, self.group, 1) if mode == "gather" else copy_to_group(x, self.group)
+        dev = x.device.type
+        cast = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x
+        out = gather_along(cast, self.group, 1) if mode == "gather" else copy_to_group(cast, self.group)
         self._last = (x, x._version, torch.is_grad_enabled(), mode, out)
         return out
 

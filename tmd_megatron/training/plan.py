@@ -36,9 +36,10 @@ BLOCK_SAVED_BYTES = {
     "fp32": (88.8, 7.92, 20.1, 95.1, 0.26, 0.06),
     "bf16": (64.8, 3.92, 14.1, 95.1, 12.3, 4.06),
 }
-# Bytes per token x dim that a TP shard saves in full rather than 1/tp of, by sequence parallelism on / off
-# (fitted on tp 2 and 4, fp32 and bf16, with saved-tensor hooks; tests/training/test_plan.py re-measures).
-TP_UNSPLIT_BYTES = {True: 22.0, False: 46.0}
+# Bytes per token x dim that a TP shard saves in full rather than 1/tp of, by (sequence parallelism, dtype)
+# (fitted on tp 2 and 4 with saved-tensor hooks; tests/training/test_plan.py re-measures). Under bf16 the TP
+# input region casts once before its gather/copy, so q, k and v save one bf16 copy of their input, not three.
+TP_UNSPLIT_BYTES = {(True, "fp32"): 25.2, (True, "bf16"): 18.2, (False, "fp32"): 46.2, (False, "bf16"): 37.2}
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def block_saved_bytes(cfg: WanConfig, tokens: int, dtype: str, tp: int, sequence
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
     split = (a * tokens * d + b * tokens * f + c * t * d) / tp + e * tokens + (w1 * d * d + w2 * d * f) / tp
     # What TP does not split: the gathered sublayer inputs under SP, the whole replicated stream without it.
-    return split + TP_UNSPLIT_BYTES[sequence_parallel] * tokens * d * (1 - 1 / tp)
+    return split + TP_UNSPLIT_BYTES[sequence_parallel, dtype] * tokens * d * (1 - 1 / tp)
 
 
 def _tokens(cfg: WanConfig, latent) -> int:
@@ -206,20 +207,26 @@ def workload_of(res) -> Workload:
     )
 
 
-def check_recipe(res, world: int, device_memory_gib: float | None = None) -> list[str]:
-    """Everything that would stop this recipe on `world` processes, each naming its fix."""
+def check_recipe(res, world: int, device_memory_gib: float | None = None, here: bool = True) -> list[str]:
+    """Everything that would stop this recipe on `world` processes, each naming its fix. here=False (tmd-plan on
+    a login node) skips what depends on this machine rather than on the recipe (CUDA present, DALI installed)."""
     problems = check(res.wan, layout_of(res, world), workload_of(res), device_memory_gib)
     r = res.raw
-    if r.model.backend == "te":
-        import torch
+    if r.model.backend not in ("torch", "te"):
+        problems.append(f"model.backend={r.model.backend!r}: use 'torch' or 'te'")
+    elif r.model.backend == "te":
+        from tmd_megatron.parallel.parallelize import check_te_layout
 
-        if not torch.cuda.is_available():
+        p_ = r.parallel
+        problems += check_te_layout(_tokens(res.wan, tuple(r.data.latent)), p_.tp, p_.cp, p_.sequence_parallel,
+                                    r.model.compute_dtype, p_.cp_comm)
+        if here and not torch.cuda.is_available():
             problems.append("model.backend=te needs CUDA and Transformer Engine: use model.backend=torch on this machine")
     if r.model.compute_dtype == "bf16" and r.run.device == "cpu":
         problems.append("model.compute_dtype=bf16 is the GPU policy; on CPU use model.compute_dtype=fp32")
     if r.data.loader not in ("torch", "dali"):
         problems.append(f"data.loader={r.data.loader!r}: use 'torch' or 'dali'")
-    elif r.data.loader == "dali":
+    elif r.data.loader == "dali" and here:
         from tmd_megatron.data.loader_dali import dali_available
 
         if not dali_available():
@@ -288,10 +295,11 @@ def _activation_bytes(res, lay: Layout, span, last: bool, stage: int) -> float:
 
 
 def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan:
-    """Validation and the per-rank estimate of the worst pipeline stage (rows in GiB)."""
+    """Validation and the per-rank estimate of the worst pipeline stage (rows in GiB), for the machines the job
+    will run on (this one's CUDA and DALI are not asked: tmd-plan runs on login nodes)."""
     from .roles import meta_roles, stage_ranges
 
-    plan = Plan(problems=check_recipe(res, world))
+    plan = Plan(problems=check_recipe(res, world, here=False))
     if plan.problems:
         return plan
     lay = layout_of(res, world)

@@ -153,11 +153,17 @@ def read_student_init(path, res: Resolved) -> Mapping:
     return WanCheckpoint(path)
 
 
+def _backend(res: Resolved, full: Mapping | None) -> str:
+    """The recipe's backend; shapes-only (planner) builds use torch's layers, whose names and shard shapes TE's
+    equal (tests/test_te_backend.py), so a TE recipe plans on a machine without Transformer Engine."""
+    return res.raw.model.backend if full is not None else "torch"
+
+
 def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping | None, frozen_dtype=None):
     """A Wan stage filled from `full`; full=None leaves it on the meta device (shapes only, for the planner)."""
     p = res.raw.parallel
     model = build_stage_model(cfg, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
-                              attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
+                              attention=p.attention, backend=_backend(res, full), stage_ranges=ranges)
     if full is None:
         return model
     model.to_empty(device=topo.device)
@@ -173,7 +179,7 @@ def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping | None) 
     """full: the student's single-device state (`wan.*` keys plus the extras); None: meta device only."""
     p = res.raw.parallel
     wan = build_stage_model(res.wan, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
-                            attention=p.attention, backend=res.raw.model.backend, stage_ranges=ranges)
+                            attention=p.attention, backend=_backend(res, full), stage_ranges=ranges)
     tied = {}
     with torch.device("meta"):
         student = DecoupledStudent(wan, res.student)

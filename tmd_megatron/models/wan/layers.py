@@ -102,23 +102,12 @@ class TorchLayers:
         return SDPAttention()
 
 
-_BACKENDS = {"torch": TorchLayers}
-
-
-def register_backend(name: str, factory) -> None:
-    _BACKENDS[name] = factory
-
-
 def get_backend(backend) -> object:
-    """A backend instance from a name ('torch', 'te', ...) or pass an instance through."""
+    """The single-device torch backend for "torch", or pass a backend instance through (the parallel and
+    Transformer Engine backends are built by tmd_megatron.parallel, which knows the topology)."""
     if not isinstance(backend, str):
         return backend
-    if backend == "te" and "te" not in _BACKENDS:
-        try:
-            from tmd_megatron.parallel import te_backend  # noqa: F401  (registers itself)
-        except ImportError as err:
-            raise RuntimeError(f"backend 'te' needs Transformer Engine and CUDA: {err}; use backend='torch'") from err
-    try:
-        return _BACKENDS[backend]()
-    except KeyError:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)}") from None
+    if backend == "torch":
+        return TorchLayers()
+    raise ValueError(f"unknown backend {backend!r}: WanModel takes 'torch' or a backend instance; build parallel "
+                     "or Transformer Engine models with tmd_megatron.parallel.parallelize(backend=...)")

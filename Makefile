@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo smoke bench bench-quality clean
+.PHONY: install test demo smoke bench bench-quality gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -32,6 +32,23 @@ bench: install
 # The quality table (teacher, DMD2-v, TMD on the synthetic task, 3 seeds): under an hour on 2 CPU cores.
 bench-quality: install
 	$(PY) -m tmd_megatron.bench.quality
+
+# On a GPU node, with the Python that holds CUDA torch (not the CPU venv): what only a GPU proves, in at most ten
+# minutes; writes docs/gpu_check.md. Without CUDA it prints what it would run. Offline nodes: `make gpu-wheels`
+# here, copy .whl/ over, then `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
+# `PYTHONPATH=/tmp/site make gpu-check` there (docs/operations.md, "GPU check").
+GPU_PYTHON ?= $(shell [ -x $(PY) ] && echo $(PY) || echo python3)  # the venv here; python3 in a CUDA image
+gpu-check:
+	NVIDIA_TF32_OVERRIDE=0 PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m tmd_megatron.bench.gpu_check
+
+# The pure-Python dependencies a CUDA image with torch lacks, as Python 3.12 x86-64 wheels in .whl/ (9 MB).
+GPU_WHEEL_PY ?= 3.12
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl -c constraints/cpu.txt \
+		hydra-core omegaconf megatron-core diffusers
+	python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """Spawn a gloo group on 127.0.0.1, run one function on every rank, collect results; kill everything on timeout.
 
 Each rank gets torchrun-style environment variables, one intra-op thread (the CI machine has 2 cores for
-all ranks), and ends with os._exit so a gloo teardown hiccup cannot hang or abort the test.
+all ranks), TF32 off on GPUs (the fp32 comparisons are at 1e-5), and ends with os._exit so a gloo teardown
+hiccup cannot hang or abort the test.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def _worker(fn, rank, world, port, results, args, stack_dump_after, launcher):
         import torch
 
         torch.set_num_threads(1)
+        if torch.cuda.is_available():  # fp32 comparisons at 1e-5: no TF32 (torch enables it for cuDNN by default)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         results.put((rank, "ok", fn(*args)))
         code = 0
     except BaseException:  # report anything, then leave
@@ -63,6 +67,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0, launcher: str = "to
 
     launcher: which environment the ranks see ('torchrun' or 'slurm' variables).
     """
+    # cuBLAS/cuDNN read this when they start in each rank; NGC images may force TF32 otherwise
+    os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

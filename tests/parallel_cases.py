@@ -180,6 +180,11 @@ def run_layout(case: dict) -> dict:
     with count_comm() as c_step:
         zero.step()
     after = gather_full_state(model, topo)
+    rooted = gather_full_state(model, topo, dst=0)  # the export's gather: world rank 0 only
+    if topo.world.rank == 0:
+        rooted_ok = rooted.keys() == after.keys() and all(torch.equal(rooted[k], after[k]) for k in after)
+    else:
+        rooted_ok = rooted is None
     cpu = {"device": "cpu"}
 
     errors, worst = {}, {}
@@ -220,6 +225,7 @@ def run_layout(case: dict) -> dict:
     return dict(
         rank=topo.world.rank,
         single_errors=single_process_errors(latent, dtype, autocast) if autocast else None,
+        rooted_ok=rooted_ok,
         worst=worst,
         coords=(topo.dp.rank, topo.pp.rank, topo.cp.rank, topo.tp.rank),
         errors=errors,
@@ -329,6 +335,8 @@ def failures(per_rank: list, name: str, comm: bool = True) -> list[str]:
                 limit = F64_TOL if fp64 else (F32_TOL if key in F32_KEYS else None)
             if limit is not None and not err <= limit:
                 problems.append(f"rank {res['rank']}: {key} error {err:.2e} > {limit:.1e}")
+        if not res["rooted_ok"]:
+            problems.append(f"rank {res['rank']}: gather_full_state(dst=0) is not the full state on rank 0 only")
         if not comm:
             continue
         for phase, (got, expected) in res["comm"].items():

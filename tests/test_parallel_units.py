@@ -283,3 +283,41 @@ def test_te_backend_without_transformer_engine_names_the_fix():
         parallelize(TINY, Topology.single(), {}, backend="te")
     with pytest.raises(ValueError, match="parallelize"):
         WanModel(TINY, backend="te")
+
+
+# ---- GPU binding (no GPU needed: the choice and the call are checked) --------------------------------------------
+def test_local_cuda_index_follows_what_the_task_sees():
+    from tmd_megatron.parallel.topology import local_cuda_index
+
+    assert local_cuda_index(3, 8) == 3  # the task sees the node's GPUs
+    assert local_cuda_index(3, 1) == 0  # srun --gpus-per-task=1: its own GPU is cuda:0
+    with pytest.raises(RuntimeError, match="srun --gpus-per-task=1"):
+        local_cuda_index(8, 4)
+
+
+def test_nccl_process_group_is_bound_to_the_rank_gpu(monkeypatch):
+    """init_topology passes device_id (eager NCCL communicators) and picks cuda:0 when one GPU is visible."""
+    import torch.distributed as dist
+
+    from tmd_megatron.parallel import init_topology
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.setdefault("set_device", device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    env = dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="5", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    with pytest.raises(Stop):
+        init_topology(environ=env)
+    assert seen["device_id"] == torch.device("cuda", 0) and seen["set_device"] == torch.device("cuda", 0)
+    assert seen["backend"] == "cuda:nccl,cpu:gloo"

@@ -57,29 +57,34 @@ def test_torch_backend_on_nccl_matches_one_process():
 @needs_te
 def test_te_backend_has_torch_names_and_matches_single_gpu():
     from tmd_megatron.models.wan import WanConfig, WanModel
+    from tmd_megatron.parallel import Topology
+    from tmd_megatron.parallel.te_backend import TELayers
 
     cfg = WanConfig.preset("tiny")
     torch.manual_seed(0)
     ref = WanModel(cfg).cuda()
-    te_model = WanModel(cfg, backend="te").cuda()
+    te_model = WanModel(cfg, backend=TELayers(Topology.single(device="cuda"))).cuda()
     names = {k for k in te_model.state_dict() if not k.endswith("_extra_state")}
     assert names == set(ref.state_dict())
     te_model.load_state_dict(ref.state_dict(), strict=False)
-    x = torch.randn(1, 16, 3, 10, 14, device="cuda")
-    t, ctx = torch.tensor([500.0], device="cuda"), torch.randn(1, 7, 32, device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        assert rel_err(te_model(x, t, ctx).float(), ref(x, t, ctx).float()) < 2e-2  # bf16 compute
+    x = torch.randn(2, 16, 3, 10, 14, device="cuda")  # 105 tokens, two samples
+    t, ctx = torch.tensor([500.0, 20.0], device="cuda"), torch.randn(2, 7, 32, device="cuda")
+    with torch.no_grad():
+        assert rel_err(te_model(x, t, ctx), ref(x, t, ctx)) < 1e-5  # fp32, TF32 off
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert rel_err(te_model(x, t, ctx).float(), ref(x, t, ctx).float()) < 2e-2  # bf16 compute
 
 
 @needs_te
 @gpus(2)
-def test_te_backend_tp2_sp_matches_one_process():
-    """te.Linear column/row with tp_group and sequence_parallel (microbatch size 1, as TE's SP requires)."""
-    cases = {"te_tp2_sp": dict(tp=2, backend="te", microbatches=4)}
+def test_te_backend_layouts_match_one_process():
+    """The CPU double's layout matrix (tests/test_te_backend.py) on real Transformer Engine and NCCL."""
+    from test_te_backend import LAYOUTS
+
+    cases = {k: {**v, "backend": "te"} for k, v in LAYOUTS.items()}
     results = run_ranks(run_suite, 2, cases, timeout=600)
-    errs = [r["layouts"]["te_tp2_sp"]["errors"] for r in results]
-    assert max(e.get("output", 0.0) for e in errs) < 1e-3
-    assert max(e["grads"] for e in errs) < 1e-3
+    for name in cases:
+        assert failures(results, name, comm=False) == []
 
 
 def te_context_parallel_attention(cp_comm: str) -> float:
@@ -112,5 +117,26 @@ def test_flash_attention_core_matches_sdpa():
     q, k, v = (torch.randn(2, 96, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flash = make_local_attention("flash")
     assert rel_err(flash(q, k, v).float(), SDPAttention()(q, k, v).float()) < 2e-2
-    mask = torch.arange(96, device="cuda") < 90  # padded keys: the core falls back to SDPA
-    assert torch.equal(flash(q, k, v, mask), SDPAttention()(q, k, v, mask))
+    # padded keys (the last 6) are sliced off for both cores
+    assert rel_err(flash(q, k, v, 90).float(), SDPAttention()(q, k, v, 90).float()) < 2e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (2048, 1500), (77, 300)])  # 1000, 77: LSE rows not a multiple of 32
+def test_ring_chunk_kernels_on_cuda_match_the_explicit_kernel(dtype, lq, lk):
+    """The fused chunk kernels ring attention selects on CUDA (flash for bf16, mem-efficient for fp32, whose LSE
+    is padded to 32 rows) against the explicit one: forward, LSE and the backward from a given output and LSE."""
+    from tmd_megatron.parallel.chunk_attention import KERNELS, select_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, n, 64, device="cuda", dtype=dtype, generator=g) for n in (lq, lk, lk, lq))
+    kern, ref = select_kernel(q), KERNELS["math"]
+    assert kern.name == ("cuda_flash" if dtype == torch.bfloat16 else "cuda_efficient")
+    out, lse, aux = kern.forward(q, k, v, 0.125)
+    r_out, r_lse, _ = ref.forward(q, k, v, 0.125)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert lse.shape == r_lse.shape and rel_err(lse, r_lse) < 1e-4 and rel_err(out.float(), r_out) < tol
+    grads = kern.backward(do, q, k, v, r_out.to(dtype), r_lse.float(), 0.125, aux)
+    for a, b in zip(grads, ref.backward(do, q, k, v, r_out, r_lse, 0.125, None)):
+        assert rel_err(a.float(), b) < tol

@@ -63,3 +63,14 @@ def test_sigusr1_during_training_checkpoints_the_current_step_and_exits_75(tmp_p
     assert stopped is not None and 2 <= stopped < steps, text
     assert f"stopped at step {stopped} (SIGUSR1/SIGTERM); checkpoint written" in text, text
     assert _logged(out) == list(range(1, stopped + 1))
+
+
+def test_a_step_past_hang_dump_s_writes_the_python_stacks_and_training_goes_on(tmp_path):
+    """run.hang_dump_s re-arms faulthandler every step: a step that runs longer (here: every step, with a
+    limit of 1 ms) writes each thread's stack to stderr, and the run still finishes."""
+    out = tmp_path / "run"
+    proc = _start(out, "run.max_steps=2", "run.hang_dump_s=0.001")
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    assert "Timeout (0:00:00" in text and "trainer.py" in text and "in fit" in text, text
+    assert _logged(out) == [1, 2]

@@ -2,6 +2,8 @@
 
     python -m tmd_megatron.algorithms.bench_jvp            # prints the two tables (CPU, about a minute)
     python -m tmd_megatron.algorithms.bench_jvp --quick    # tiny model, for a smoke run
+    python -m tmd_megatron.algorithms.bench_jvp --wan1.3b  # errors only, at Wan2.1 1.3B width (H = 5, 240
+                                                           # tokens, 512 text tokens; ~10 GB, several minutes)
 
 The reference is torch.func.jvp in float64. The flow head of a freshly built student ignores y_s and s
 (zero-initialised fusion output and time embeddings), which would make d/ds u trivially 0, so the extra
@@ -159,8 +161,8 @@ def cost_table(teacher, student, latent, repeats: int) -> dict[str, float]:
     return out
 
 
-def print_error_table(title, student, latent) -> None:
-    rows, exact = error_table(student, latent)
+def print_error_table(title, student, latent, deltas=DELTAS) -> None:
+    rows, exact = error_table(student, latent, deltas)
     print(f"\n{title}\nrelative L2 error of d/ds u along (v, 1) against the fp64 exact JVP")
     print(f"{'delta':>8} | {'FD fp64':>9} {'order':>5} | {'FD fp32':>9} | {'FD bf16':>9}")
     prev = None
@@ -175,7 +177,21 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and one repeat (smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--wan1.3b", dest="wan13b", action="store_true",
+                    help="error tables only, at the real 1.3B width: dim 1536, 12 heads, FFN 8960, H = 5")
     args = ap.parse_args(argv)
+    if args.wan13b:
+        cfg = WanConfig.preset("wan2.1-t2v-1.3b").replace(num_layers=6)  # the flow head (H = 5), one backbone block
+        latent = (3, 16, 20)  # 3 x 8 x 10 = 240 tokens
+        _, student = build(cfg, 5)
+        print(f"model: Wan2.1 1.3B width (dim {cfg.dim}, {cfg.num_heads} heads, FFN {cfg.ffn_dim}), flow head H = 5, "
+              f"latent {latent} (240 tokens), text {cfg.text_len} x {cfg.text_dim}")
+        deltas = (2e-2, 1e-2, 5e-3, 2e-3, 1e-3)
+        print_error_table("A. random extra time embeddings (all sinusoid channels)", student, latent, deltas)
+        band_limit_inner_time(student, min_period=0.05)
+        print_error_table("B. s-dependence band-limited to periods >= 0.05 (10x the paper's delta)", student, latent,
+                          deltas)
+        return
     if args.quick:
         cfg, head_blocks, latent, repeats = WanConfig.preset("tiny"), 2, (2, 4, 4), 1
     else:

@@ -65,6 +65,10 @@ class TMMFConfig:
     cond_dropout: float = 0.1  # replaced by the negative prompt
     jvp: str = "fd"  # "fd" (paper) | "exact" (torch.func.jvp reference)
     fd_delta: float = 5e-3
+    # Precision of the two finite-difference flow-head passes under bf16 training: "fp32" runs them with autocast
+    # off (NVlabs/FastGen's Wan MeanFlow does, precision_amp_jvp=float32), "compute" in the training autocast.
+    # bf16 rounding over 2δ = 1e-2 swamps the derivative at 1.3B width (docs/algorithms.md, FD-JVP precision).
+    fd_dtype: str = "fp32"
     norm_const_per_dim: float = 1.0  # c = norm_const_per_dim · d; Table 7: c = d (1.3B), 1e-5·d (14B)
     lr: float = 3e-5
     max_iters: int = 3000
@@ -80,6 +84,8 @@ class TMMFConfig:
             raise ValueError(f"cfg_source={self.cfg_source!r}; choose 'student' or 'teacher'")
         if self.jvp not in ("fd", "exact"):
             raise ValueError(f"jvp={self.jvp!r}; choose 'fd' or 'exact'")
+        if self.fd_dtype not in ("fp32", "compute"):
+            raise ValueError(f"fd_dtype={self.fd_dtype!r}; choose 'fp32' or 'compute'")
         if self.fd_delta <= 0 or self.norm_const_per_dim < 0:
             raise ValueError("fd_delta must be positive and norm_const_per_dim non-negative")
 

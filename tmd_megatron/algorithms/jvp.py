@@ -9,6 +9,7 @@ benchmark; it needs the math SDPA kernel on CPU (fused kernels have no forward-m
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -59,6 +60,13 @@ def exact_total_derivative(u_fn: UFn, y_s: torch.Tensor, s: torch.Tensor, v: tor
     with sdpa_kernel([SDPBackend.MATH]):
         _, du = torch.func.jvp(u_fn, (y_s, s), (v.to(y_s.dtype), torch.ones_like(s)))
     return du
+
+
+def fd_precision(fd_dtype: str, device: torch.device):
+    """Where the finite-difference passes run: autocast off ("fp32") or the caller's autocast ("compute")."""
+    if fd_dtype == "fp32":
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def total_derivative(

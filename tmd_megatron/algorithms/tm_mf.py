@@ -10,7 +10,7 @@ import torch
 from .common import Batch, randn_like
 from .config import TMMFConfig
 from .guidance import cfg_combine, drop_condition, match_contexts, wan_velocity
-from .jvp import total_derivative
+from .jvp import fd_precision, total_derivative
 from .timesteps import per_sample, sample_grid_times, sample_mf_times, student_grid
 from .transition import average_velocity, conditional_velocity, inner_target, interpolate
 
@@ -75,7 +75,13 @@ def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, tea
     def u_fn(y_in, s_in):
         return u_of(student.flow_head(y_in, s_in, r, features), y_in, s_in)
 
-    du_ds = total_derivative(u_fn, y_s, s, r, v, cfg.jvp, cfg.fd_delta)
+    if cfg.jvp == "fd" and cfg.fd_dtype == "fp32" and torch.is_autocast_enabled(x.device.type):
+        wide = features.at_least_fp32()
+        with fd_precision(cfg.fd_dtype, x.device):
+            du_ds = total_derivative(lambda y_in, s_in: u_of(student.flow_head(y_in, s_in, r, wide), y_in, s_in),
+                                     y_s, s, r, v, cfg.jvp, cfg.fd_delta)
+    else:
+        du_ds = total_derivative(u_fn, y_s, s, r, v, cfg.jvp, cfg.fd_delta)
     u = u_fn(y_s, s)
     u_target = meanflow_target(v, s, r, du_ds)
     loss, sq = adaptive_loss(u, u_target, cfg.norm_const_per_dim * y_s[0].numel())

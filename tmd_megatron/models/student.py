@@ -21,6 +21,7 @@ Decisions (docs/algorithms.md, "Ambiguities"), each with its alternative as a `S
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,14 @@ class BackboneFeatures:
     e_t: torch.Tensor  # time embedding of t [B, D] (fp32)
     x_t: torch.Tensor  # the backbone input (the x-target parametrisation, App. B.4, needs it)
     t: torch.Tensor  # [B] in [0, 1]
+
+    def at_least_fp32(self) -> "BackboneFeatures":
+        """The features with bf16/fp16 tensors (the embedded text under autocast) widened to fp32, for flow-head
+        passes run with autocast off (the finite-difference JVP's, TMMFConfig.fd_dtype)."""
+        def wide(x):
+            return x.float() if torch.is_tensor(x) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+        return dataclasses.replace(self, m=wide(self.m), context=wide(self.context), x_t=wide(self.x_t))
 
 
 def time_embedding_like(wan: WanModel, zero_output: bool) -> nn.Sequential:

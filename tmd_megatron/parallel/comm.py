@@ -140,6 +140,15 @@ def all_gather_object(obj, group: CommGroup) -> list:
     return out
 
 
+def gather_object(obj, group: CommGroup) -> list | None:
+    """Python objects from every group rank on group rank 0 (None elsewhere); host memory, through gloo."""
+    if group.size == 1:
+        return [obj]
+    out = [None] * group.size if group.rank == 0 else None
+    dist.gather_object(obj, out, dst=group.ranks[0], group=group._pg())
+    return out
+
+
 class _Pending:
     def __init__(self, works, ops):
         self._works = works

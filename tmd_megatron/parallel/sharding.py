@@ -53,8 +53,19 @@ def load_full_state(model: nn.Module, full: Mapping, topo: Topology) -> None:
     model.load_state_dict(local, strict=False)
 
 
-def gather_full_state(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]:
-    """The full state dict on every rank: TP shards all-gathered, PP stages' subsets exchanged (CPU tensors)."""
+def gather_full_state(model: nn.Module, topo: Topology, dst: int | None = None) -> dict[str, torch.Tensor] | None:
+    """The full state dict (CPU tensors): TP shards all-gathered, PP stages' subsets exchanged.
+
+    dst=None: on every rank (small models, tests). dst=0: on world rank 0 only, and held in host memory nowhere
+    else -- the export of a 14B model would otherwise put 56 GB on every rank. Only the data- and context-
+    parallel replica 0 takes part (every replica holds the same weights); each TP shard is gathered one tensor
+    at a time and kept by TP rank 0, and the stages' TP rank 0 send their part to rank 0 over its PP group.
+    """
+    if dst not in (None, 0):
+        raise ValueError(f"dst={dst}: the full state gathers on every rank (None) or on world rank 0")
+    if dst == 0 and (topo.dp.rank or topo.cp.rank):
+        return None
+    keep = dst is None or topo.tp.rank == 0
     dims = tp_split_dims(model)
     state = model.state_dict()
     mine = {}
@@ -62,9 +73,15 @@ def gather_full_state(model: nn.Module, topo: Topology) -> dict[str, torch.Tenso
         t = state[name].detach()
         if name in dims:
             t = comm.all_gather(t, topo.tp, dims[name])
-        mine[name] = t.cpu().clone()
+        if keep:
+            mine[name] = t.cpu().clone()
+    if not keep:
+        return None
+    parts = comm.all_gather_object(mine, topo.pp) if dst is None else comm.gather_object(mine, topo.pp)
+    if parts is None:
+        return None
     full = {}
-    for part in comm.all_gather_object(mine, topo.pp):
+    for part in parts:
         full.update(part)
     return full
 

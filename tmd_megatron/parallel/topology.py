@@ -168,6 +168,17 @@ def _virtual_group(name, rank, tp, cp, dp, pp, axes) -> CommGroup:
     return CommGroup(name, tuple(ranks), ranks.index(rank), None)
 
 
+def local_cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank: its local rank when the task sees every GPU of the node, 0 when it sees one
+    (srun --gpus-per-task=1 / --gpu-bind=single:1 set CUDA_VISIBLE_DEVICES to the task's own GPU)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but this task sees {visible} GPUs: give each task one GPU "
+                           "(srun --gpus-per-task=1) or all of the node's (--gpus-per-node with one task per GPU)")
+    return local_rank
+
+
 def default_device(kind: str = "auto") -> tuple[torch.device, str]:
     """cuda + NCCL when asked for or available ("auto"), else cpu + gloo."""
     if kind not in ("auto", "cpu", "cuda"):
@@ -175,9 +186,9 @@ def default_device(kind: str = "auto") -> tuple[torch.device, str]:
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but CUDA is not available here; use device=cpu")
     if kind != "cpu" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         # gloo beside NCCL: checkpointing gathers optimizer state into host memory (CPU collectives)
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))), \
-            "cuda:nccl,cpu:gloo"
+        return torch.device("cuda", local_cuda_index(local, torch.cuda.device_count())), "cuda:nccl,cpu:gloo"
     return torch.device("cpu"), "gloo"
 
 
@@ -201,12 +212,18 @@ def init_topology(tp: int = 1, cp: int = 1, pp: int = 1, *, environ=None, timeou
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        kwargs = {}
+        if device.type == "cuda":
+            # Eager NCCL communicators bound to this GPU (torch.distributed.init_process_group's device_id): the
+            # pipeline's first P2P on a group otherwise creates a communicator lazily among only some ranks.
+            kwargs["device_id"] = device
         dist.init_process_group(
             backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
         )
     from megatron.core import parallel_state as ps
 

@@ -251,6 +251,8 @@ def check_recipe(res, world: int, device_memory_gib: float | None = None, here: 
         problems.append(f"optim.ema_decay={r.optim.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if r.run.ckpt_every < 0 or r.run.log_every < 1:
         problems.append("run.ckpt_every must be >= 0 and run.log_every >= 1")
+    if r.run.hang_dump_s < 0:
+        problems.append(f"run.hang_dump_s={r.run.hang_dump_s} must be >= 0 (seconds; 0 disables the stack dump)")
     if res.tm_mf is not None and res.tm_mf.jvp == "exact" and r.parallel.pp > 1:
         problems.append("method.tm_mf.jvp=exact needs parallel.pp=1: use the finite difference (jvp=fd)")
     if r.parallel.schedule not in ("1f1b", "gpipe"):

@@ -20,7 +20,7 @@ import torch
 from tmd_megatron.algorithms import dmd2v as D
 from tmd_megatron.algorithms.common import SampleRNG, randn_like
 from tmd_megatron.algorithms.guidance import cfg_combine, drop_condition, match_contexts
-from tmd_megatron.algorithms.jvp import exact_total_derivative, fd_difference, fd_steps
+from tmd_megatron.algorithms.jvp import exact_total_derivative, fd_difference, fd_precision, fd_steps
 from tmd_megatron.algorithms.kd import kd_regression_loss
 from tmd_megatron.algorithms.timesteps import per_sample, sample_grid_times, sample_mf_times, sample_shifted, student_grid
 from tmd_megatron.algorithms.tm_mf import adaptive_loss, meanflow_target, mf_guided_velocity
@@ -157,11 +157,12 @@ def tm_mf_step(s: Step) -> None:
             du_ds = exact_total_derivative(
                 lambda y_in, s_in: u_of(mb, student.flow_head(y_in, s_in, r, f), y_in, s_in), y_s, s_, v)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), fd_precision(cfg.fd_dtype, y_s.device):
                 hp, hm = q["h_plus"], q["h_minus"]
                 y_p, y_m = y_s + per_sample(hp, y_s) * v, y_s - per_sample(hm, y_s) * v
-                u_p = u_of(mb, student.flow_head_given(y_p, e[:, 1], e0[:, 1], f), y_p, s_ + hp)
-                u_m = u_of(mb, student.flow_head_given(y_m, e[:, 2], e0[:, 2], f), y_m, s_ - hm)
+                f_fd = f.at_least_fp32() if cfg.fd_dtype == "fp32" else f
+                u_p = u_of(mb, student.flow_head_given(y_p, e[:, 1], e0[:, 1], f_fd), y_p, s_ + hp)
+                u_m = u_of(mb, student.flow_head_given(y_m, e[:, 2], e0[:, 2], f_fd), y_m, s_ - hm)
                 du_ds = fd_difference(u_p, u_m, hp, hm)
         u = u_of(mb, student.flow_head_given(y_s, e[:, 0], e0[:, 0], f), y_s, s_)
         loss, sq = adaptive_loss(u, meanflow_target(v, s_, r, du_ds), cfg.norm_const_per_dim * y_s[0].numel())

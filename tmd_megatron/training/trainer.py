@@ -8,10 +8,12 @@ Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-re
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,7 +315,10 @@ class Trainer:
         self.start()
         t0 = time.monotonic()
         while self.step < self.res.max_steps:
+            if run.hang_dump_s > 0:  # re-armed every step: only a step that hangs dumps, to fd 2 (the job log)
+                faulthandler.dump_traceback_later(run.hang_dump_s, exit=False, file=sys.__stderr__)
             metrics = self.advance()
+            faulthandler.cancel_dump_traceback_later()
             if self.step % run.log_every == 0 or self.step == self.res.max_steps:
                 metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
                 self.logger.log(self.step, metrics)
@@ -371,15 +376,15 @@ class Trainer:
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.ema.shadow}
             self.ema.copy_to(module)
-        full = gather_full_state(module, self.topo)
+        full = gather_full_state(module, self.topo, dst=0)  # on rank 0 only (56 GB for 14B in fp32)
         if self.ema is not None:
             with torch.no_grad():
                 for n, p in module.named_parameters():
                     if n in backup:
                         p.copy_(backup[n])
-        full = {k: v for k, v in full.items() if not k.startswith(TIED)}
         out = self.out / "export"
         if self.topo.world.rank == 0:
+            full = {k: v for k, v in full.items() if not k.startswith(TIED)}
             write_export(out, self.res.wan, full, self.res.student)
             (out / SAMPLER_JSON).write_text(json.dumps(dataclasses.asdict(sampler_config_of(self.res)), indent=2))
             (self.out / "export_info.json").write_text(json.dumps({"step": self.step, "method": self.res.method}))

@@ -153,3 +153,57 @@ def test_tm_mf_loss_decreases_on_a_fixed_batch():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.85 * losses[0]
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def _record_autocast(monkeypatch, cls, name):
+    """Wrap cls.name to record (grad enabled, autocast enabled, dtype of the result) per call."""
+    calls, original = [], getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return out
+
+    monkeypatch.setattr(cls, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("fd_dtype", ["fp32", "compute"])
+def test_fd_passes_leave_bf16_autocast_only_when_asked(monkeypatch, fd_dtype):
+    """Under bf16 autocast, fd_dtype='fp32' runs the two no-grad FD flow-head passes with autocast off and the
+    trained pass under autocast; 'compute' keeps all three under autocast. The loss is finite either way."""
+    from tmd_megatron.models.student import DecoupledStudent
+
+    calls = _record_autocast(monkeypatch, DecoupledStudent, "flow_head")
+    teacher = tiny_teacher()
+    student = tiny_student(teacher)
+    cfg = TMMFConfig(cfg_scale=1.0, fd_dtype=fd_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = tm_mf_loss(student, tiny_batch(), cfg, gen(0))
+    fd = [autocast for grad, autocast in calls if not grad]
+    trained = [autocast for grad, autocast in calls if grad]
+    assert len(fd) == 2 and trained == [True] and torch.isfinite(loss)
+    assert fd == ([False, False] if fd_dtype == "fp32" else [True, True])
+
+
+def test_trainer_fd_passes_follow_fd_dtype(monkeypatch, tmp_path):
+    """The pipelined TM-MF program (training/programs.py) honours fd_dtype the same way, under bf16 compute."""
+    import io
+
+    from tmd_megatron.models.student import DecoupledStudent
+    from tmd_megatron.parallel import Topology
+    from tmd_megatron.training.config import compose, resolve
+    from tmd_megatron.training.trainer import Trainer
+
+    seen = {}
+    for fd_dtype in ("fp32", "compute"):
+        calls = _record_autocast(monkeypatch, DecoupledStudent, "flow_head_given")
+        res = resolve(compose(["experiment=tiny_smoke", "method=tm_mf", "model.compute_dtype=bf16",
+                               f"method.tm_mf.fd_dtype={fd_dtype}", "method.tm_mf.cfg_scale=1.0",
+                               f"run.out_dir={tmp_path / fd_dtype}", "run.tensorboard=false", "run.resume=never"]))
+        trainer = Trainer(res, Topology.single(), stream=io.StringIO())
+        trainer.start()
+        trainer.advance()
+        monkeypatch.undo()
+        seen[fd_dtype] = sorted({autocast for grad, autocast in calls if not grad})
+    assert seen == {"fp32": [False], "compute": [True]}

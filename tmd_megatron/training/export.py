@@ -59,7 +59,7 @@ def read_student_export(path, wan_cfg: WanConfig, student_cfg: StudentConfig) ->
     if saved != student_cfg:
         raise RecipeError(f"the student export {path} was trained with {saved}, the recipe asks for {student_cfg}: "
                           "use the same distill.head_blocks and method.student settings as stage 1")
-    wan = WanCheckpoint(path / "wan")
+    wan = WanCheckpoint(path / "wan", WanModel)
     if wan.config != wan_cfg:
         raise RecipeError(f"the student export {path} holds a {wan.config} model, the recipe asks for {wan_cfg}")
     from .roles import Prefixed

@@ -111,7 +111,7 @@ def teacher_state(res: Resolved):
         return None
     if str(path).startswith("random:"):  # smoke runs: a seeded random teacher made on the spot
         return fresh_wan_state(res.wan, int(str(path).split(":", 1)[1]), zero_head=False)
-    ckpt = WanCheckpoint(path)
+    ckpt = WanCheckpoint(path, WanModel)
     if ckpt.config != res.wan:
         diff = {f: (getattr(ckpt.config, f), getattr(res.wan, f)) for f in ckpt.config.__dataclass_fields__
                 if getattr(ckpt.config, f) != getattr(res.wan, f)}
@@ -150,7 +150,7 @@ def read_student_init(path, res: Resolved) -> Mapping:
 
     if res.student is not None:
         return read_student_export(path, res.wan, res.student)
-    return WanCheckpoint(path)
+    return WanCheckpoint(path, WanModel)
 
 
 def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping | None, frozen_dtype=None):

@@ -8,6 +8,7 @@ max|a - b| / max|b| per tensor, maximised over tensors.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +29,9 @@ from tmd_megatron.parallel import (
 )
 
 CFG = WanConfig.preset("tiny")  # dim 64, 4 heads (d=16), 4 blocks, ffn 128, text_len 64
+# Variants of the same tiny model: Wan2.1 I2V (36 input channels, 5 CLIP tokens replicated like the text) and
+# Wan2.2 TI2V (per-token timesteps [B, L], sharded with their tokens under SP/CP, carried per token by PP).
+CONFIGS = {"t2v": CFG, "i2v": WanConfig.preset("tiny-i2v"), "ti2v": WanConfig.preset("tiny-ti2v")}
 LATENT = (3, 10, 14)  # grid 3x5x7 = 105 tokens: divisible by neither 2 nor 4
 BATCH = 4
 HIDDEN_BLOCK = 1
@@ -38,9 +42,9 @@ WEIGHT_DECAY, NO_DECAY = 0.1, ("bias", "norm")
 ADAM = {torch.float32: dict(lr=1e-4, eps=1e-3), torch.float64: dict(lr=1e-3, eps=1e-8)}
 
 
-def reference_model() -> WanModel:
+def reference_model(variant: str = "t2v") -> WanModel:
     torch.manual_seed(0)
-    model = WanModel(CFG)
+    model = WanModel(CONFIGS[variant])
     with torch.no_grad():  # distinct norm gains and biases, so a swapped or unsharded one shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -50,17 +54,23 @@ def reference_model() -> WanModel:
     return model
 
 
-def sample(latent, dtype):
+def sample(latent, dtype, variant: str = "t2v"):
+    cfg = CONFIGS[variant]
     g = torch.Generator().manual_seed(1)
-    grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
+    grid = tuple(n // p for n, p in zip(latent, cfg.patch_size))
     d = dict(
-        x=torch.randn(BATCH, CFG.in_dim, *latent, generator=g),
-        ctx=torch.randn(BATCH, 10, CFG.text_dim, generator=g),
-        probe=torch.randn(BATCH, CFG.out_dim, *latent, generator=g),
-        probe_h=torch.randn(BATCH, CFG.dim, *grid, generator=g),
+        x=torch.randn(BATCH, cfg.in_dim, *latent, generator=g),
+        ctx=torch.randn(BATCH, 10, cfg.text_dim, generator=g),
+        probe=torch.randn(BATCH, cfg.out_dim, *latent, generator=g),
+        probe_h=torch.randn(BATCH, cfg.dim, *grid, generator=g),
     )
+    if cfg.image_dim is not None:
+        d["image"] = torch.randn(BATCH, cfg.image_len, cfg.image_dim, generator=g)
     d = {k: v.to(dtype) for k, v in d.items()}
     d["t"] = torch.tensor([37.0, 912.0, 400.0, 5.0])
+    if variant == "ti2v":  # the first latent frame at t = 0, the rest at each sample's t
+        d["t"] = d["t"][:, None].repeat(1, math.prod(grid))
+        d["t"][:, : grid[1] * grid[2]] = 0.0
     return d
 
 
@@ -82,12 +92,12 @@ def hidden_term(feat, probe_h):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(latent=LATENT, dtype=torch.float32) -> dict:
-    model = reference_model().to(dtype)
+def reference(latent=LATENT, dtype=torch.float32, variant="t2v") -> dict:
+    model = reference_model(variant).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    d = sample(latent, dtype)
+    d = sample(latent, dtype, variant)
     x = d["x"].clone().requires_grad_(True)
-    out, hidden = model(x, d["t"], d["ctx"], return_hidden=(HIDDEN_BLOCK,))
+    out, hidden = model(x, d["t"], d["ctx"], d.get("image"), return_hidden=(HIDDEN_BLOCK,))
     grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
     feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], model.geometry(grid, x.device))
     loss = (out_term(out, d["probe"]) + hidden_term(feat, d["probe_h"])) / BATCH
@@ -126,11 +136,13 @@ def run_layout(case: dict) -> dict:
     m, schedule, ac = case.get("microbatches", 1), case.get("schedule", "1f1b"), case.get("ac", False)
     latent = case.get("latent", LATENT)
     dtype = case.get("dtype", torch.float32)
-    ref = reference(latent, dtype)
+    variant = case.get("variant", "t2v")
+    cfg, token_t = CONFIGS[variant], variant == "ti2v"
+    ref = reference(latent, dtype, variant)
     topo = init_topology(tp, cp, pp, timeout_s=120)
     d = {k: v.to(topo.device) for k, v in ref["data"].items()}
     dp = topo.dp.size
-    model = parallelize(CFG, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
+    model = parallelize(cfg, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
                         backend=case.get("backend", "torch"))
     model.activation_checkpointing = ac
     zero = ZeroAdamW(model, topo, weight_decay=WEIGHT_DECAY, no_decay=NO_DECAY, **ADAM[dtype])
@@ -148,9 +160,11 @@ def run_layout(case: dict) -> dict:
         hidden64[i] = hidden_term(feat.double(), probe_h.double()).detach() / b_local
         return hidden_term(feat, probe_h) / b_local
 
-    stage = WanStage(model, (mb, CFG.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss)
+    stage = WanStage(model, (mb, cfg.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss,
+                     token_timesteps=token_t)
     stage_fn = _sabotage(case.get("sabotage"), stage, topo)
-    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s]) for s in sl]
+    image = [(d["image"][s],) if "image" in d else () for s in sl]
+    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s], *im) for s, im in zip(sl, image)]
 
     def out_grads(i, outputs):  # d out_term / d out, handed to the last stage
         return ((d["probe"][sl[i]] + outputs[0]) / b_local,)
@@ -194,8 +208,8 @@ def run_layout(case: dict) -> dict:
 
     local_params = dict(model.named_parameters())
     expect_pipe = pipeline_comm(
-        CFG, latent, mb, m, tp=tp, cp=cp, pp=pp, pp_rank=topo.pp.rank, blocks=range(span.start, span.end), sp=sp,
-        cp_comm=cp_comm, ac=ac, hidden_block=HIDDEN_BLOCK, e=torch.finfo(dtype).bits // 8,
+        cfg, latent, mb, m, tp=tp, cp=cp, pp=pp, pp_rank=topo.pp.rank, blocks=range(span.start, span.end), sp=sp,
+        cp_comm=cp_comm, ac=ac, hidden_block=HIDDEN_BLOCK, e=torch.finfo(dtype).bits // 8, token_timesteps=token_t,
     )
     partial = sum(local_params[n].numel() for n in tp_partial_names(model))
     expect_reduce, expect_step = zero_comm(
@@ -389,4 +403,57 @@ def frozen_teacher_input_grad(tp=1, cp=1, pp=2, m=2) -> dict:
 def run_suite_with_frozen_teacher(cases: dict) -> dict:
     out = run_suite(cases, engine=True)
     out["frozen_teacher"] = frozen_teacher_input_grad()
+    return out
+
+
+def expert_stage_errors(tp=1, cp=1, pp=2, m=2) -> dict:
+    """A two-expert (A14B) model on PP2 through ExpertStage against WanExperts on one process: microbatch 0 mixes
+    the experts (t = 912 high, 37 low at boundary 0.875), microbatch 1 is all low noise. Output, hidden-state loss,
+    latent and every parameter gradient of both experts."""
+    from tmd_megatron.models.wan import WanExperts
+    from tmd_megatron.parallel.stages import ExpertStage
+
+    torch.manual_seed(0)
+    states = [reference_model().state_dict()]
+    torch.manual_seed(5)
+    states.append({k: v + 0.05 * torch.randn_like(v) for k, v in states[0].items()})
+    ref = WanExperts(WanModel(CFG), WanModel(CFG), 0.875)
+    ref.high.load_state_dict(states[0])
+    ref.low.load_state_dict(states[1])
+    d = sample(LATENT, torch.float32)
+    x = d["x"].clone().requires_grad_(True)
+    out, hidden = ref(x, d["t"], d["ctx"], return_hidden=(HIDDEN_BLOCK,))
+    grid = tuple(n // p for n, p in zip(LATENT, CFG.patch_size))
+    feat = ref.tokens_to_grid(hidden[HIDDEN_BLOCK], ref.geometry(grid, x.device))
+    ((out_term(out, d["probe"]) + hidden_term(feat, d["probe_h"])) / BATCH).backward()
+
+    topo = init_topology(tp, cp, pp, timeout_s=120)
+    experts = WanExperts(*(parallelize(CFG, topo, s) for s in states), 0.875)
+    b_local = BATCH // topo.dp.size
+    mb = b_local // m
+    sl = [slice(i * mb, (i + 1) * mb) for i in range(m)]
+
+    def hidden_loss(i, hidden, geom):
+        return hidden_term(experts.tokens_to_grid(hidden[HIDDEN_BLOCK], geom), d["probe_h"][sl[i]]) / b_local
+
+    high = [experts.route(d["t"][s]) for s in sl]
+    stage = ExpertStage(experts, (mb, CFG.in_dim, *LATENT), high, capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss)
+    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s]) for s in sl]
+    res = run_pipeline(stage, topo.pp, m, boundary=stage.boundary(), inputs=inputs,
+                       output_grads=lambda i, o: ((d["probe"][sl[i]] + o[0]) / b_local,))
+    out = {"mixed": [bool(h.any() and not h.all()) for h in high]}
+    if topo.is_last_stage:
+        out["output_err"] = rel_err(torch.cat([o[0] for o in res.outputs]), ref(d["x"], d["t"], d["ctx"]).detach())
+    if topo.is_first_stage:
+        out["x_grad_err"] = rel_err(torch.cat([g[0] for g in res.input_grads]), x.grad)
+    named = dict(ref.named_parameters())
+    got = {n: p.grad for n, p in experts.named_parameters() if p.grad is not None}
+    _, out["grad_err"], _ = rel_errs(got, {n: named[n].grad for n in got})  # relative to the largest gradient
+    out["experts_with_grads"] = sorted({n.split(".")[0] for n, p in experts.named_parameters() if p.grad is not None})
+    return out
+
+
+def run_suite_with_experts(cases: dict) -> dict:
+    out = run_suite_with_frozen_teacher(cases)
+    out["experts"] = expert_stage_errors()
     return out

@@ -92,10 +92,12 @@ def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
         from tmd_megatron.data.synthetic import SyntheticTask
 
         syn = dict(d.synthetic)
-        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim)
+        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim,
+                             image_dim=res.wan.image_dim, image_len=res.wan.image_len)
         shard_dir = Path(res.raw.run.out_dir) / "data"
-        if topo.world.rank == 0:
-            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0))
+        if topo.world.rank == 0:  # I2V models read the first frame's conditioning latent (and image tokens)
+            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0),
+                              image=res.wan.model_type == "i2v")
         if dist.is_initialized():
             dist.barrier()
         shards, negative = shard_dir, task.encode_text("")
@@ -111,6 +113,25 @@ def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
     loader = make_loader(shards, local, topo.dp.rank, dp, res.raw.run.seed, d.loader, start=start,
                          text_len=res.wan.text_len, on_corrupt=d.on_corrupt)
     return Data(loader, negative.float())
+
+
+def image_condition_of(res: Resolved, batch: dict):
+    """The batch's image conditioning for the recipe's model: I2V from the shards' cond (and clip) members, TI2V
+    from the first latent frame (unless data.image_condition=false), None for T2V."""
+    from tmd_megatron.models.wan.conditioning import ImageCondition
+
+    cfg = res.wan
+    if cfg.model_type == "t2v" or (cfg.model_type == "ti2v" and not res.raw.data.image_condition):
+        return None
+    if cfg.model_type == "ti2v":
+        return ImageCondition.for_model(cfg, batch["latent"].float())
+    missing = [k for k in ("cond",) + (("clip",) if cfg.image_dim is not None else ()) if k not in batch]
+    if missing:
+        raise RecipeError(f"an I2V model trains on shards with the first frame's conditioning latent and CLIP tokens, "
+                          f"but the data lack {missing}: write them with tmd-preprocess videos --i2v "
+                          "(--image-encoder <CLIP dir> for Wan2.1)")
+    clip = batch["clip"].float() if cfg.image_dim is not None else None
+    return ImageCondition.for_model(cfg, batch["cond"].float(), clip)
 
 
 class Trainer:
@@ -197,11 +218,13 @@ class Trainer:
         dev = self.topo.device
         x, ctx, idx = batch["latent"].float(), batch["context"].float(), batch["index"]
         noise = batch.get("noise")
+        cond = image_condition_of(self.res, batch)
         out = []
         for i in range(m):
             sl = slice(i * x.shape[0] // m, (i + 1) * x.shape[0] // m)
             out.append(Micro(x[sl].to(dev), ctx[sl].to(dev), idx[sl],
-                             None if noise is None else noise[sl].float().to(dev)))
+                             None if noise is None else noise[sl].float().to(dev),
+                             None if cond is None else cond.rows(sl).to(dev)))
         return out
 
     def updates_this_step(self) -> list[str]:
@@ -344,11 +367,15 @@ class Trainer:
         from .sampling import sample
 
         kind = {"tm_mf": "tmd", "tmd": "tmd", "flow_matching": "teacher"}.get(self.res.method, "dmd2v")
-        ctx = self.last_batch["context"][: self.res.raw.run.num_samples].float().to(self.topo.device)
+        n = self.res.raw.run.num_samples
+        ctx = self.last_batch["context"][:n].float().to(self.topo.device)
         latent = tuple(self.last_batch["latent"].shape[1:])
+        cond = image_condition_of(self.res, self.last_batch)
+        cond = None if cond is None else cond.rows(slice(0, len(ctx))).to(self.topo.device)
         module = self.roles.student
         module.eval()
-        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step)
+        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step,
+                        cond=cond)
         module.train()
         if self.topo.dp.rank == 0 and self.topo.tp.rank == 0 and self.topo.cp.rank == 0:
             folder = self.out / "samples" / f"step_{self.step:08d}"

@@ -3,7 +3,8 @@
 The high-noise expert runs where t >= boundary, the low-noise expert below (Wan2.2 wan/image2video.py
 `_prepare_model_for_timestep`: `t.item() >= boundary * num_train_timesteps` picks the high noise model;
 diffusers' WanPipeline compares with `boundary_ratio * num_train_timesteps` the same way, `transformer` being
-the high-noise expert and `transformer_2` the low-noise one). Routing is per sample, so a batch may mix both.
+the high-noise expert and `transformer_2` the low-noise one). Routing is per sample, so a batch may mix both (then
+both experts run on it and each sample keeps its own expert's rows: twice the compute for such a batch).
 """
 from __future__ import annotations
 
@@ -50,18 +51,19 @@ class WanExperts(nn.Module):
     def route(self, timestep: torch.Tensor) -> torch.Tensor:
         return high_noise(timestep, self.boundary)
 
-    def forward(self, x, timestep, context, image_context=None, return_hidden: tuple[int, ...] = ()):
-        """WanModel.forward with each sample on its expert (a homogeneous batch runs one expert once)."""
+    def per_expert(self, timestep, fn, *args):
+        """fn(expert, *args) with each sample on its expert: a homogeneous batch calls fn once, a mixed one calls
+        it with both experts on the whole batch and keeps each sample's rows of the result (a tensor, or
+        (tensor, {k: tensor})); the pipelined ExpertStage does the same, so both paths compute alike."""
         high = self.route(timestep)
         if bool(high.all()) or not bool(high.any()):
-            expert = self.high if bool(high.all()) else self.low
-            return expert(x, timestep, context, image_context, return_hidden=return_hidden)
-        parts = {}
-        for expert, rows in ((self.high, high.nonzero().squeeze(1)), (self.low, (~high).nonzero().squeeze(1))):
-            pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
-            parts[expert] = (rows, expert(pick(x), pick(timestep), pick(context), pick(image_context),
-                                          return_hidden=return_hidden))
-        return _merge(list(parts.values()), x.shape[0])
+            return fn(self.high if bool(high.all()) else self.low, *args)
+        return _select(high, fn(self.high, *args), fn(self.low, *args))
+
+    def forward(self, x, timestep, context, image_context=None, return_hidden: tuple[int, ...] = ()):
+        """WanModel.forward with each sample on its expert (a homogeneous batch runs one expert once)."""
+        return self.per_expert(timestep, lambda m, *a: m(*a, return_hidden=return_hidden), x, timestep, context,
+                               image_context)
 
     # The trainer's pieces read geometry from either expert: both have one config and one layout.
     def geometry(self, grid, device):
@@ -99,17 +101,8 @@ class WanExperts(nn.Module):
         checkpoint.atomic_replace_dir(tmp, final)
 
 
-def _merge(parts, batch: int):
-    """Outputs of sample subsets (rows, output or (output, hidden)) scattered back into batch order."""
-    def scatter(pieces):
-        first = pieces[0][1]
-        out = first.new_empty((batch, *first.shape[1:]))
-        for rows, t in pieces:
-            out = out.index_copy(0, rows, t)
-        return out
-
-    if isinstance(parts[0][1], tuple):
-        velocity = scatter([(rows, out[0]) for rows, out in parts])
-        hidden = {k: scatter([(rows, out[1][k]) for rows, out in parts]) for k in parts[0][1][1]}
-        return velocity, hidden
-    return scatter(parts)
+def _select(high: torch.Tensor, a, b):
+    """Rows of a where high, else of b: for tensors [B, ...] and (tensor, {k: tensor}) pairs."""
+    if isinstance(a, tuple):
+        return _select(high, a[0], b[0]), {k: _select(high, a[1][k], b[1][k]) for k in a[1]}
+    return torch.where(high.to(a.device).view(-1, *[1] * (a.ndim - 1)), a, b)

@@ -74,6 +74,15 @@ def read_video(path, num_frames: int, height: int, width: int) -> torch.Tensor:
     return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
+def read_image(path, height: int, width: int) -> torch.Tensor:
+    """[3, height, width] float32 in [-1, 1]: an image file (PNG, JPEG, ...; decoded by PyAV), resized to cover and
+    centre-cropped like a video frame."""
+    try:
+        return read_video(path, 1, height, width)[:, 0]
+    except PreprocessError as err:
+        raise PreprocessError(str(err).replace("video", "image")) from None
+
+
 class WanVAE:
     """AutoencoderKLWan with Wan's latent normalisation: encode -> (mean - μ_c)/σ_c, decode inverts it.
 

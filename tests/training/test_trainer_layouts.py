@@ -1,6 +1,8 @@
 """Issue acceptance: stage-1 (TM-MF) and stage-2 (TMD trio) steps of the real trainer under TP2, CP2, PP2, DP2
 and TP2 x CP2 x PP2 (8 ranks) equal one process: every step's losses and every trained role's parameters after
-3 steps (student, fake score, discriminator), fp32, within 1e-5 relative."""
+3 steps (student, fake score, discriminator), fp32, within 1e-5 relative. The Wan family in the same spawn: an
+I2V model (image tokens and conditioning latent through PP), TI2V (per-token timesteps across stages and CP
+shards, pinned first frame) and a two-expert A14B teacher and fake score (ExpertStage under PP)."""
 import pytest
 
 from layout_cases import METHODS, compare, max_param_error, run_case, run_cases
@@ -13,6 +15,12 @@ TWO = {"tp2": dict(tp=2), "cp2_ring": dict(cp=2), "cp2_ulysses": dict(cp=2, cp_c
 # every discriminator head on the last stage: the first stage holds none of that role (and must not hang)
 HEADS_LAST = ["method.dmd2v.disc_layers=[3]"]
 EIGHT = {"tp2_cp2_pp2": dict(tp=2, cp=2, pp=2)}
+FAMILY = {
+    "tmd/i2v_pp2": ("tmd", dict(pp=2, overrides=["model.preset=tiny-i2v"])),
+    "tm_mf/ti2v_pp2": ("tm_mf", dict(pp=2, overrides=["model.preset=tiny-ti2v"])),
+    "tmd/ti2v_cp2": ("tmd", dict(cp=2, overrides=["model.preset=tiny-ti2v"])),
+    "tmd/a14b_pp2": ("tmd", dict(pp=2, overrides=["model.preset=tiny-a14b"])),
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,8 @@ def reference(tmp_path_factory):
 def two_rank(tmp_path_factory):
     cases = {f"{m}/{name}": (m, lay) for m in METHODS for name, lay in TWO.items()}
     cases["tmd/pp2_heads_last"] = ("tmd", dict(pp=2, overrides=HEADS_LAST))
-    return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=900)[0]
+    cases.update(FAMILY)
+    return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=1200)[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +54,14 @@ def test_two_rank_layouts_equal_one_process(reference, two_rank, method, layout)
 def test_pp2_with_every_discriminator_head_on_one_stage(two_rank, tmp_path):
     reference = run_case("tmd", {"distributed": False, "overrides": HEADS_LAST}, str(tmp_path))
     assert compare(two_rank["tmd/pp2_heads_last"], reference) == []
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_wan_family_layouts_equal_one_process(two_rank, tmp_path, name):
+    method, layout = FAMILY[name]
+    reference = run_case(method, {"distributed": False, "overrides": layout["overrides"]}, str(tmp_path))
+    assert compare(two_rank[name], reference) == []
+    print(f"{name}: max param error {max_param_error(two_rank[name], reference):.1e}")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -4,7 +4,8 @@ stage function, and a two-expert (A14B) model through ExpertStage. One spawn."""
 import pytest
 
 from multirank import run_ranks
-from parallel_cases import failures, run_suite_with_experts, with_fp64_ac
+from expert_cases import run_suite_with_experts
+from parallel_cases import failures, with_fp64_ac
 
 pytestmark = pytest.mark.multirank
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from tmd_megatron.models.student import StudentConfig
 from tmd_megatron.models.wan import WanConfig, WanModel
-from tmd_megatron.models.wan.checkpoint import WanCheckpoint, atomic_replace_dir, save_wan
+from tmd_megatron.models.wan.checkpoint import WanCheckpoint
+from tmd_megatron.models.wan.saving import atomic_replace_dir, save_wan
 
 from .config import RecipeError
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, saving
 from .model import WanModel
 
 
@@ -97,8 +97,8 @@ class WanExperts(nn.Module):
         for name, expert in (("high", self.high), ("low", self.low)):
             expert.save_pretrained(tmp / names[name], format=format, **kwargs)
         if format == "diffusers":
-            checkpoint.write_json_atomic(tmp / "model_index.json", {"boundary_ratio": self.boundary})
-        checkpoint.atomic_replace_dir(tmp, final)
+            saving.write_json_atomic(tmp / "model_index.json", {"boundary_ratio": self.boundary})
+        saving.atomic_replace_dir(tmp, final)
 
 
 def _select(high: torch.Tensor, a, b):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as wan_checkpoint
+from . import saving
 from .block import WanBlock, fp32_region, modulation_chunks
 from .config import IMAGE_NORM_EPS, WanConfig
 from .layers import FP32LayerNorm, get_backend
@@ -258,4 +259,4 @@ class WanModel(nn.Module):
         return wan_checkpoint.load_wan(cls, path, **kwargs)
 
     def save_pretrained(self, path, format: str = "original", **kwargs) -> None:
-        wan_checkpoint.save_wan(self, path, format=format, **kwargs)
+        saving.save_wan(self, path, format=format, **kwargs)

@@ -246,3 +246,45 @@ def test_two_expert_layouts_load_both_experts(tmp_path, fmt):
         WanModel.from_pretrained(tmp_path / "a14b")
     high = WanModel.from_pretrained(tmp_path / "a14b", expert="high")
     assert torch.equal(high.head.head.weight, experts.high.head.head.weight)
+
+
+def test_convert_cli_converts_both_experts(tmp_path, capsys):
+    from tmd_megatron.cli.convert import main as convert
+
+    experts = _experts()
+    experts.save_pretrained(tmp_path / "orig", format="original")
+    assert convert([str(tmp_path / "orig"), str(tmp_path / "diff"), "--to", "diffusers"]) == 0
+    assert "in two experts" in capsys.readouterr().out
+    back = WanExperts.from_pretrained(tmp_path / "diff")
+    assert back.boundary == 0.875  # the original layout's default for T2V, recorded as boundary_ratio
+    for mine, theirs in zip(experts.experts, back.experts):
+        assert all(torch.equal(mine.state_dict()[k], v) for k, v in theirs.state_dict().items())
+    with pytest.raises(CheckpointError, match="not a two-expert"):
+        WanModel.from_pretrained(tmp_path / "diff" / "transformer", expert="high")
+
+
+def test_teacher_sampling_and_kd_guidance_switch_experts_by_t():
+    """The Euler sampler of teacher data and KD pairs, with CFG and skip-layer guidance, on a two-expert teacher
+    equals a hand loop that picks the expert of each step's t (grid crossing the boundary)."""
+    from tmd_megatron.algorithms.guidance import cfg_combine, wan_velocity
+    from tmd_megatron.algorithms.sampling import teacher_euler_sample
+    from tmd_megatron.algorithms.timesteps import wan_sampling_grid
+
+    experts = _experts()
+    x, _, ctx = sample_inputs(TI2V, latent=LATENT)
+    negative = torch.randn(2, 16, TI2V.text_dim, generator=torch.Generator().manual_seed(4))
+    grid = wan_sampling_grid(4, 3.0)  # 0 < ... < 0.999: two steps above 0.875, two below
+    assert (grid[1:] >= 0.875).any() and (grid[1:] < 0.875).any()
+    with torch.no_grad():
+        got = teacher_euler_sample(experts, x, ctx, grid, negative, 4.0, skip_layers=(1,))
+        want = x
+        for i in range(len(grid) - 1, 0, -1):
+            t = grid[i].expand(2)
+            expert = experts.high if float(grid[i]) >= 0.875 else experts.low
+            cond, _ = wan_velocity(expert, want, t, ctx)
+            uncond, _ = wan_velocity(expert, want, t, negative, skip_layers=(1,))
+            want = want - (grid[i] - grid[i - 1]).float() * cfg_combine(cond, uncond, 4.0)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        only_high = teacher_euler_sample(experts.high, x, ctx, grid, negative, 4.0, skip_layers=(1,))
+    assert not torch.allclose(got, only_high, atol=1e-3)

@@ -15,8 +15,9 @@ from tmd_megatron.data.format import index_path
 
 
 def write_random_shards(root: Path, num_shards=3, per_shard=5, dtype=torch.float32, latent=(16, 2, 4, 4),
-                        text_dim=8, max_len=9, noise=False, seed=0) -> dict[str, dict]:
-    """Shards root/part-{k}.tar; returns {key: {"latent", "context", "noise"?, "prompt", "meta"}} as written."""
+                        text_dim=8, max_len=9, noise=False, seed=0, image=False) -> dict[str, dict]:
+    """Shards root/part-{k}.tar; returns {key: {"latent", "context", "noise"?, "cond"?, "clip"?, "prompt", "meta"}}
+    as written (image: an I2V conditioning latent and 3 CLIP-like tokens of width 5 per sample)."""
     g = torch.Generator().manual_seed(seed)
     written = {}
     n = 0
@@ -30,7 +31,11 @@ def write_random_shards(root: Path, num_shards=3, per_shard=5, dtype=torch.float
                         "prompt": f"prompt number {n} ünïcode", "meta": {"n": n, "tag": ["x", n]}}
                 if noise:
                     item["noise"] = torch.randn(*latent, generator=g).to(dtype)
-                w.add(key, item["latent"], item["context"], item["prompt"], item["meta"], noise=item.get("noise"))
+                if image:
+                    item["cond"] = torch.randn(*latent, generator=g).to(dtype)
+                    item["clip"] = torch.randn(3, 5, generator=g).to(dtype)
+                w.add(key, item["latent"], item["context"], item["prompt"], item["meta"], noise=item.get("noise"),
+                      cond=item.get("cond"), clip=item.get("clip"))
                 written[key] = item
                 n += 1
     return written

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +30,9 @@ from tmd_megatron.parallel import (
 )
 
 CFG = WanConfig.preset("tiny")  # dim 64, 4 heads (d=16), 4 blocks, ffn 128, text_len 64
+# Variants of the same tiny model: Wan2.1 I2V (36 input channels, 5 CLIP tokens replicated like the text) and
+# Wan2.2 TI2V (per-token timesteps [B, L], sharded with their tokens under SP/CP, carried per token by PP).
+CONFIGS = {"t2v": CFG, "i2v": WanConfig.preset("tiny-i2v"), "ti2v": WanConfig.preset("tiny-ti2v")}
 LATENT = (3, 10, 14)  # grid 3x5x7 = 105 tokens: divisible by neither 2 nor 4
 BATCH = 4
 HIDDEN_BLOCK = 1
@@ -39,9 +43,9 @@ WEIGHT_DECAY, NO_DECAY = 0.1, ("bias", "norm")
 ADAM = {torch.float32: dict(lr=1e-4, eps=1e-3), torch.float64: dict(lr=1e-3, eps=1e-8)}
 
 
-def reference_model() -> WanModel:
+def reference_model(variant: str = "t2v") -> WanModel:
     torch.manual_seed(0)
-    model = WanModel(CFG)
+    model = WanModel(CONFIGS[variant])
     with torch.no_grad():  # distinct norm gains and biases, so a swapped or unsharded one shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -51,17 +55,23 @@ def reference_model() -> WanModel:
     return model
 
 
-def sample(latent, dtype):
+def sample(latent, dtype, variant: str = "t2v"):
+    cfg = CONFIGS[variant]
     g = torch.Generator().manual_seed(1)
-    grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
+    grid = tuple(n // p for n, p in zip(latent, cfg.patch_size))
     d = dict(
-        x=torch.randn(BATCH, CFG.in_dim, *latent, generator=g),
-        ctx=torch.randn(BATCH, 10, CFG.text_dim, generator=g),
-        probe=torch.randn(BATCH, CFG.out_dim, *latent, generator=g),
-        probe_h=torch.randn(BATCH, CFG.dim, *grid, generator=g),
+        x=torch.randn(BATCH, cfg.in_dim, *latent, generator=g),
+        ctx=torch.randn(BATCH, 10, cfg.text_dim, generator=g),
+        probe=torch.randn(BATCH, cfg.out_dim, *latent, generator=g),
+        probe_h=torch.randn(BATCH, cfg.dim, *grid, generator=g),
     )
+    if cfg.image_dim is not None:
+        d["image"] = torch.randn(BATCH, cfg.image_len, cfg.image_dim, generator=g)
     d = {k: v.to(dtype) for k, v in d.items()}
     d["t"] = torch.tensor([37.0, 912.0, 400.0, 5.0])
+    if variant == "ti2v":  # the first latent frame at t = 0, the rest at each sample's t
+        d["t"] = d["t"][:, None].repeat(1, math.prod(grid))
+        d["t"][:, : grid[1] * grid[2]] = 0.0
     return d
 
 
@@ -90,15 +100,15 @@ def autocast_ctx(autocast: str | None, device="cpu"):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(latent=LATENT, dtype=torch.float32, autocast=None) -> dict:
+def reference(latent=LATENT, dtype=torch.float32, variant="t2v", autocast=None) -> dict:
     """One process: outputs, loss, gradients and the AdamW step; autocast='bfloat16' runs the same under autocast
     (its distance from the fp32 run is the single-process bf16 error that parallel bf16 runs are held to)."""
-    model = reference_model().to(dtype)
+    model = reference_model(variant).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    d = sample(latent, dtype)
+    d = sample(latent, dtype, variant)
     x = d["x"].clone().requires_grad_(True)
     with autocast_ctx(autocast):
-        out, hidden = model(x, d["t"], d["ctx"], return_hidden=(HIDDEN_BLOCK,))
+        out, hidden = model(x, d["t"], d["ctx"], d.get("image"), return_hidden=(HIDDEN_BLOCK,))
     grid = tuple(n // p for n, p in zip(latent, CFG.patch_size))
     feat = model.tokens_to_grid(hidden[HIDDEN_BLOCK], model.geometry(grid, x.device))
     loss = (out_term(out, d["probe"]) + hidden_term(feat, d["probe_h"])) / BATCH
@@ -138,11 +148,13 @@ def run_layout(case: dict) -> dict:
     latent = case.get("latent", LATENT)
     dtype = case.get("dtype", torch.float32)
     autocast = case.get("autocast")  # "bfloat16": compare with the fp32 reference at the bf16 tolerance
-    ref = reference(latent, dtype)
+    variant = case.get("variant", "t2v")
+    cfg, token_t = CONFIGS[variant], variant == "ti2v"
+    ref = reference(latent, dtype, variant)
     topo = init_topology(tp, cp, pp, timeout_s=120)
     d = {k: v.to(topo.device) for k, v in ref["data"].items()}
     dp = topo.dp.size
-    model = parallelize(CFG, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
+    model = parallelize(cfg, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
                         backend=case.get("backend", "torch"))
     model.activation_checkpointing = ac
     zero = ZeroAdamW(model, topo, weight_decay=WEIGHT_DECAY, no_decay=NO_DECAY, **ADAM[dtype])
@@ -160,9 +172,11 @@ def run_layout(case: dict) -> dict:
         hidden64[i] = hidden_term(feat.double(), probe_h.double()).detach() / b_local
         return hidden_term(feat, probe_h) / b_local
 
-    stage = WanStage(model, (mb, CFG.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss)
+    stage = WanStage(model, (mb, cfg.in_dim, *latent), capture=(HIDDEN_BLOCK,), hidden_loss=hidden_loss,
+                     token_timesteps=token_t)
     stage_fn = _sabotage(case.get("sabotage"), stage, topo)
-    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s]) for s in sl]
+    image = [(d["image"][s],) if "image" in d else () for s in sl]
+    inputs = [(d["x"][s].clone().requires_grad_(True), d["t"][s], d["ctx"][s], *im) for s, im in zip(sl, image)]
 
     def out_grads(i, outputs):  # d out_term / d out, handed to the last stage
         return ((d["probe"][sl[i]] + outputs[0]) / b_local,)
@@ -213,8 +227,8 @@ def run_layout(case: dict) -> dict:
 
     local_params = dict(model.named_parameters())
     expect_pipe = pipeline_comm(
-        CFG, latent, mb, m, tp=tp, cp=cp, pp=pp, pp_rank=topo.pp.rank, blocks=range(span.start, span.end), sp=sp,
-        cp_comm=cp_comm, ac=ac, hidden_block=HIDDEN_BLOCK,
+        cfg, latent, mb, m, tp=tp, cp=cp, pp=pp, pp_rank=topo.pp.rank, blocks=range(span.start, span.end), sp=sp,
+        cp_comm=cp_comm, ac=ac, hidden_block=HIDDEN_BLOCK, token_timesteps=token_t,
         e=torch.finfo(getattr(torch, autocast) if autocast else dtype).bits // 8,
     )
     partial = sum(local_params[n].numel() for n in tp_partial_names(model))
@@ -224,7 +238,7 @@ def run_layout(case: dict) -> dict:
     )
     return dict(
         rank=topo.world.rank,
-        single_errors=single_process_errors(latent, dtype, autocast) if autocast else None,
+        single_errors=single_process_errors(latent, dtype, variant, autocast) if autocast else None,
         rooted_ok=rooted_ok,
         worst=worst,
         coords=(topo.dp.rank, topo.pp.rank, topo.cp.rank, topo.tp.rank),
@@ -240,9 +254,9 @@ def run_layout(case: dict) -> dict:
     )
 
 
-def single_process_errors(latent, dtype, autocast) -> dict:
+def single_process_errors(latent, dtype, variant, autocast) -> dict:
     """The same quantities as a layout's errors, for one process under autocast against one process without."""
-    a, b = reference(latent, dtype, autocast), reference(latent, dtype)
+    a, b = reference(latent, dtype, variant, autocast), reference(latent, dtype, variant)
     errors = {"output": rel_err(a["out"], b["out"]), "loss": rel_err(a["loss"].reshape(1), b["loss"].reshape(1)),
               "input_grad": rel_err(a["x_grad"], b["x_grad"]), "grad_norm": rel_err(a["norm"], b["norm"])}
     errors["grads_per_tensor"], errors["grads"], _ = rel_errs(a["grads"], b["grads"])

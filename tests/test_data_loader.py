@@ -18,7 +18,7 @@ TEXT_LEN = 12
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    return root, write_random_shards(root, num_shards=3, per_shard=7, noise=True)  # 21 samples, 10 per rank
+    return root, write_random_shards(root, num_shards=3, per_shard=7, noise=True, image=True)  # 21 samples
 
 
 def take(loader, n):
@@ -51,7 +51,8 @@ def test_epoch_is_split_between_dp_ranks_and_padded_like_wan(shards, backend):
                 ctx = item["context"]
                 wan = torch.cat([ctx, ctx.new_zeros(TEXT_LEN - len(ctx), ctx.shape[1])])  # trim + zero-pad rule
                 assert torch.equal(b["context"][i], wan) and int(b["context_len"][i]) == len(ctx)
-                assert torch.equal(b["latent"][i], item["latent"]) and torch.equal(b["noise"][i], item["noise"])
+                for name in ("latent", "noise", "cond", "clip"):  # the optional members come in the batch too
+                    assert torch.equal(b[name][i], item[name]), name
                 assert b["prompt"][i] == item["prompt"] and b["meta"][i] == item["meta"]
             seen.append(set(b["key"]))
     assert sum(len(s) for s in seen) == len(set().union(*seen)) == 20  # disjoint across ranks and batches
@@ -98,7 +99,7 @@ def test_resume_refuses_a_position_from_another_layout(shards):
 @needs_dali
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dali_and_torch_give_identical_batches_on_two_dp_ranks(tmp_path, dtype):
-    write_random_shards(tmp_path, num_shards=2, per_shard=6, dtype=dtype, noise=dtype == torch.bfloat16)
+    write_random_shards(tmp_path, num_shards=2, per_shard=6, dtype=dtype, noise=dtype == torch.bfloat16, image=True)
     for rank in range(2):
         kw = dict(dp_rank=rank, dp_size=2, seed=5, text_len=TEXT_LEN, num_epochs=3)
         ref = list(make_loader(tmp_path, 4, backend="torch", **kw))

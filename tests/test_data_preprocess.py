@@ -61,6 +61,16 @@ def write_mp4(path, frames_F_H_W_3: np.ndarray, fps=16):
             c.mux(p)
 
 
+def tiny_clip():
+    """A random CLIPVisionModel (32x32 images, 8x8 patches: 17 tokens of width 16) and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), model
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -68,6 +78,9 @@ def models(tmp_path_factory):
     tok.save_pretrained(root / "text")
     tiny_umt5(len(tok)).save_pretrained(root / "text")
     tiny_vae().save_pretrained(root / "vae")
+    processor, clip = tiny_clip()
+    processor.save_pretrained(root / "clip")
+    clip.save_pretrained(root / "clip")
     return root
 
 
@@ -203,3 +216,54 @@ def test_bad_video_sizes_name_the_rule():
         check_video_size(80, 480, 832)
     with pytest.raises(PreprocessError, match="multiples of 16"):
         check_video_size(81, 480, 830)
+
+
+def test_cli_i2v_writes_the_first_frames_conditioning_latent_and_clip_tokens(models, videos, tmp_path):
+    """--i2v: the VAE latent of (first frame, zero frames), as Wan2.1's image2video.py builds y; --image-encoder: the
+    penultimate CLIPVisionModel layer of the first frame's 8-bit pixels, as diffusers' WanImageToVideoPipeline."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    root, entries = videos
+    out = tmp_path / "out"
+    args = ["videos", str(root / "manifest.jsonl"), str(out), "--vae", str(models / "vae"), "--text-encoder",
+            str(models / "text"), "--frames", "5", "--height", "32", "--width", "32", "--text-len", str(TEXT_LEN),
+            "--dtype", "fp32", "--no-progress", "--i2v", "--image-encoder", str(models / "clip")]
+    assert cli(args) == 0
+    vae = WanVAE.from_pretrained(models / "vae")
+    processor, clip = CLIPImageProcessor.from_pretrained(models / "clip"), CLIPVisionModel.from_pretrained(models / "clip")
+    batches = list(make_loader(out, 1, backend="torch", text_len=TEXT_LEN, num_epochs=1))
+    assert len(batches) == 5
+    for b in batches[:2]:
+        video = read_video(root / entries[b["meta"][0]["entry"]]["video"], 5, 32, 32)
+        first_only = torch.cat([video[:, :1], torch.zeros_like(video[:, 1:])], dim=1)
+        with torch.no_grad():
+            mu = vae.vae.encode(first_only[None]).latent_dist.mode()
+            pixels = ((video[:, 0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            tokens = clip(**processor(images=[pixels], return_tensors="pt"), output_hidden_states=True).hidden_states[-2]
+        cfg = vae.vae.config
+        ref = (mu - torch.tensor(cfg.latents_mean).view(1, 16, 1, 1, 1)) / torch.tensor(cfg.latents_std).view(
+            1, 16, 1, 1, 1)
+        torch.testing.assert_close(b["cond"], ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(b["cond"][:, :, 1:], b["latent"][:, :, 1:], atol=1e-2)  # later frames: zeros
+        torch.testing.assert_close(b["clip"], tokens, rtol=1e-5, atol=1e-5)
+        assert b["clip"].shape == (1, 17, 16)
+    assert cli(args[:-3] + ["--image-encoder", str(models / "clip")]) == 2  # CLIP tokens without --i2v
+
+
+def test_vae_normalisation_follows_its_config_for_wan22_channels():
+    """A 48-channel VAE (the Wan2.2 VAE's width) is normalised with its own config statistics."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    mean, std = torch.linspace(-1, 1, 48).tolist(), torch.linspace(0.5, 2, 48).tolist()
+    raw = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std).eval()
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mu = raw.encode(video).latent_dist.mode()
+    got = WanVAE(raw).encode(video)
+    torch.testing.assert_close(got, (mu - torch.tensor(mean).view(1, 48, 1, 1, 1)) / torch.tensor(std).view(
+        1, 48, 1, 1, 1))
+    with pytest.raises(PreprocessError, match="no latents_mean"):
+        WanVAE(AutoencoderKLWan(base_dim=8, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                temperal_downsample=[False, True, True]))

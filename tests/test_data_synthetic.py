@@ -85,3 +85,25 @@ def test_shards_are_reproducible_and_carry_labels(tmp_path):
             assert meta["version"] == SYNTHETIC_VERSION and meta["labels"] == s.labels
             assert meta["label_ids"] == {k: ATTRIBUTES[k].index(v) for k, v in s.labels.items()}
             torch.testing.assert_close(task.decode_latent(b["latent"][j]), s.clip, rtol=0, atol=1e-5)
+
+
+def test_image_conditioned_mode_gives_the_first_frame(tmp_path):
+    """The conditioning latent is the encoding of (first frame, grey frames), Wan's I2V input; the image tokens
+    depend on the frame; shards carry both."""
+    from tmd_megatron.data import make_loader
+
+    task = SyntheticTask(image_dim=6, image_len=5)
+    s, other = task.sample(0, 0), task.sample(1, 0)
+    cond = task.image_condition(s.clip[:, 0])
+    assert torch.equal(cond["cond"][:, 0], task.encode_clip(s.clip)[:, 0])
+    grey = task.encode_clip(torch.zeros_like(s.clip))
+    assert torch.equal(cond["cond"][:, 1:], grey[:, 1:])
+    assert cond["clip"].shape == (5, 6)
+    assert not torch.allclose(task.image_condition(other.clip[:, 0])["clip"], cond["clip"])
+    batched = task.image_condition(torch.stack([s.clip[:, 0], other.clip[:, 0]]))
+    assert torch.allclose(batched["clip"][0], cond["clip"], atol=1e-6) and torch.equal(batched["cond"][0], cond["cond"])
+    task.write_shards(tmp_path, 4, seed=0, image=True)
+    b = next(iter(make_loader(tmp_path, 4, backend="torch", text_len=8, num_epochs=1)))
+    i = b["meta"][0]["index"]
+    assert torch.equal(b["cond"][0], task.image_condition(task.sample(i, 0).clip[:, 0])["cond"])
+    assert b["clip"].shape == (4, 5, 6)

@@ -1,10 +1,12 @@
 """Two gloo ranks, launched with SLURM variables: every 2-rank layout against one process (fp32, fp64 with
-activation checkpointing, bf16 autocast), the comm accounting, negative controls, and the pipeline engine on a
-generic stage function. One spawn."""
+activation checkpointing, bf16 autocast; also for a Wan2.1 I2V model and Wan2.2 per-token timesteps), the comm
+accounting, negative controls, the pipeline engine on a generic stage function, and a two-expert (A14B) model
+through ExpertStage. One spawn."""
 import pytest
 
 from multirank import run_ranks
-from parallel_cases import failures, run_suite_with_frozen_teacher, with_fp64_ac
+from expert_cases import run_suite_with_experts
+from parallel_cases import failures, with_fp64_ac
 
 pytestmark = pytest.mark.multirank
 
@@ -28,12 +30,14 @@ SABOTAGE = {
     "extra_counted": dict(tp=2, sabotage="extra_counted"),
     "extra_raw": dict(tp=2, sabotage="extra_raw"),
 }
-CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **BF16, **SABOTAGE}
+FAMILY = {f"{variant}_{name}": {**layout, "variant": variant} for variant in ("i2v", "ti2v")
+          for name, layout in LAYOUTS.items()}
+CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **BF16, **FAMILY, **SABOTAGE}
 
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(run_suite_with_frozen_teacher, 2, CASES, timeout=420, launcher="slurm")
+    return run_ranks(run_suite_with_experts, 2, CASES, timeout=600, launcher="slurm")
 
 
 @pytest.mark.parametrize("name", [k for k in CASES if k not in SABOTAGE])
@@ -108,3 +112,12 @@ def test_gan_gradient_through_frozen_wan_teacher(results):
             assert f["pp_sends"] == 2  # microbatch token gradients (conditioning declared without gradients)
         else:
             assert f["pp_sends"] == 2 * 4  # activations: 4 tensors per microbatch
+
+
+def test_two_experts_through_expert_stage(results):
+    """PP2 ExpertStage = WanExperts on one process, with a microbatch mixing both experts (the teacher of A14B)."""
+    for r in results:
+        e = r["experts"]
+        assert e["mixed"] == [True, False]
+        assert e.get("output_err", 0.0) < 1e-5 and e.get("x_grad_err", 0.0) < 1e-5 and e["grad_err"] < 1e-5
+        assert e["experts_with_grads"] == ["high", "low"]

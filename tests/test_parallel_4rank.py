@@ -1,5 +1,5 @@
-"""Four gloo ranks (torchrun variables): TP2 x CP2 in both CP modes, DP2 combined with TP2 and with CP2, and
-the seeding rule across real groups. One spawn."""
+"""Four gloo ranks (torchrun variables): TP2 x CP2 in both CP modes (also for an I2V model and per-token
+timesteps), DP2 combined with TP2 and with CP2, and the seeding rule across real groups. One spawn."""
 import pytest
 
 from multirank import run_ranks
@@ -16,7 +16,10 @@ EXTRA = {
     "dp2_tp2_sp": dict(tp=2),
     "dp2_cp2_ulysses": dict(cp=2, cp_comm="ulysses"),
 }
-CASES = {**with_fp64_ac(LAYOUTS), **EXTRA}
+# Wan2.1 I2V (image tokens replicated) and Wan2.2 per-token timesteps (sharded with their tokens) on TP2 x CP2
+FAMILY = {"i2v_tp2_cp2_ring": dict(tp=2, cp=2, cp_comm="ring", variant="i2v"),
+          "ti2v_tp2_cp2_ulysses": dict(tp=2, cp=2, cp_comm="ulysses", variant="ti2v")}
+CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **FAMILY}
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ class RecordingStudent:
         self.config = StudentConfig(target="dtm")
         self.outer, self.inner_noise = [], []
 
-    def backbone(self, x, t, context):
+    def backbone(self, x, t, context, cond=None):
         self.outer.append(float(t[0]))
         return SimpleNamespace(x_t=x, t=t)
 

@@ -71,7 +71,7 @@ class AnalyticStudent:
         self.x, self.eps, self.calls, self.t = x, eps, [], None
         self.z = torch.randn(x.shape, generator=gen(9), dtype=x.dtype)
 
-    def backbone(self, x_t, t, context):
+    def backbone(self, x_t, t, context, cond=None):
         self.t = t
         return SimpleNamespace(x_t=x_t, t=t, context=context)
 

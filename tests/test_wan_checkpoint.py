@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tmd_megatron.models.wan import WanModel
-from tmd_megatron.models.wan.checkpoint import INDEX_NAME, WEIGHTS_NAME, CheckpointError
+from tmd_megatron.models.wan.checkpoint import CheckpointError
+from tmd_megatron.models.wan.saving import INDEX_NAME, WEIGHTS_NAME
 from wan_reference import REF_CONFIG, diffusers_wan, ours_from_diffusers, rel_err, sample_inputs
 
 
@@ -136,7 +137,7 @@ def test_nan_payload_is_refused(tmp_path, ref):
 
 def test_save_replaces_atomically(tmp_path, ref, monkeypatch):
     """A save that dies midway leaves the previous checkpoint in place and loadable."""
-    import tmd_megatron.models.wan.checkpoint as ck
+    import tmd_megatron.models.wan.saving as ck
 
     path = _saved(tmp_path, ref)
     before = load_file(path / WEIGHTS_NAME)

@@ -25,6 +25,8 @@ def diffusers_wan(cfg: WanConfig = REF_CONFIG, seed: int = 0):
         ffn_dim=cfg.ffn_dim,
         num_layers=cfg.num_layers,
         eps=cfg.eps,
+        image_dim=cfg.image_dim,
+        added_kv_proj_dim=cfg.dim if cfg.image_dim is not None else None,
     )
     # Every tensor random, norm gains around 1 and distinct, so a swapped or dropped tensor shows.
     with torch.no_grad():
@@ -43,13 +45,21 @@ def ours_from_diffusers(ref, cfg: WanConfig = REF_CONFIG, rename=None) -> WanMod
 
 
 def sample_inputs(cfg: WanConfig = REF_CONFIG, batch=2, latent=(3, 8, 10), seed=1, timesteps=(37.0, 912.0)):
-    """A latent with a non-square grid, two different timesteps, and Wan-style zero-padded text."""
+    """A latent with a non-square grid, two different timesteps, and Wan-style zero-padded text (and CLIP image
+    tokens for a model with an image branch)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_dim, *latent, generator=g)
     t = torch.tensor(timesteps[:batch])
     ctx = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
     ctx[0, cfg.text_len // 2 :] = 0  # first prompt is short: its tail is zero padding, attended unmasked
-    return x, t, ctx
+    if cfg.image_dim is None:
+        return x, t, ctx
+    return x, t, ctx, torch.randn(batch, cfg.image_len, cfg.image_dim, generator=g)
+
+
+def diffusers_call(ref, x, t, ctx, image=None):
+    """diffusers' forward with our argument order (image tokens go in encoder_hidden_states_image)."""
+    return ref(x, t, ctx, encoder_hidden_states_image=image).sample
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

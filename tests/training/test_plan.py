@@ -25,6 +25,9 @@ INVALID = [
     (TINY + ["parallel.pp=2", "parallel.microbatches=1"], 2, "set microbatches >= 2"),
     (TINY + ["data.global_batch=6"], 4, "make global_batch a multiple of"),
     (TINY + ["data.latent=[8,3,8,8]"], 1, "the model takes in_dim=16"),
+    (TINY + ["model.preset=tiny-i2v", "data.latent=[36,3,8,8]"], 1, "latents of out_dim=16 channels"),
+    (TINY + ["model.boundary=0.9"], 1, "model.boundary is for two-expert presets"),
+    (TINY + ["model.preset=tiny-a14b", "model.student_expert=middle"], 1, "choose 'high' or 'low'"),
     (TINY + ["data.latent=[16,3,7,8]"], 1, "crop or pad the latent"),
     (TINY + ["data.latent=[16,1,2,2]", "parallel.cp=2", "parallel.tp=2"], 4, "lower cp"),
     (TINY + ["distill.head_blocks=4"], 1, "set distill.head_blocks"),
@@ -105,6 +108,34 @@ def test_14b_recipes_fit_an_80gb_h100():
             assert plan.problems == [] and 0 < plan.total_gib < 80, (overrides, plan.problems, plan.total_gib)
 
 
+FAMILY = {"wan2.1-i2v-14b": [], "wan2.2-ti2v-5b": [], "wan2.2-a14b": [],
+          "wan2.2-a14b (I2V)": ["model=wan2.2-i2v-a14b", "data=shards_i2v"]}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("method", ["tm_mf", "tmd"])
+def test_wan_family_recipes_fit_8xh100_nodes(name, method):
+    """The Wan family's recipes on 8 nodes of 8 H100 (80 GB), both TMD stages; A14B counts both experts of the
+    teacher and of the fake score as resident."""
+    res = resolve(compose([f"experiment={name.split()[0]}", *FAMILY[name], f"method={method}", "model.init=/x"]))
+    plan = plan_recipe(res, 64, device_memory_gib=80)
+    assert plan.problems == [] and 0 < plan.total_gib < 80, (name, method, plan.problems, plan.total_gib)
+    if res.boundary is not None:
+        lay = plan_layout_topology(res)
+        roles = meta_roles(res, lay)
+        teacher = sum(p.numel() for p in roles["teacher"].parameters())
+        expert = sum(p.numel() for p in roles["teacher"].high.parameters())
+        assert teacher == 2 * expert
+        if method == "tmd":
+            assert sum(p.numel() for p in roles["fake"].parameters()) == teacher
+        assert sum(p.numel() for p in roles["student"].wan.parameters()) == expert  # one expert
+
+
+def plan_layout_topology(res):
+    p = res.raw.parallel
+    return Topology.virtual(tp=p.tp, cp=p.cp, pp=p.pp, dp=64 // (p.tp * p.cp * p.pp), rank=0)
+
+
 def test_parameter_counts_are_those_of_the_roles_a_rank_builds():
     """The planner's meta roles hold exactly the tensors build_roles materialises, per stage and TP shard."""
     res = resolve(compose(TINY))
@@ -119,11 +150,13 @@ def test_parameter_counts_are_those_of_the_roles_a_rank_builds():
     assert full / 8 < tp8 < full / 8 + 300e6  # blocks split 8 ways; embeddings, norms and head replicated
 
 
-def _saved_by_first_block(model: WanModel, grid: tuple, text_len: int, dtype: str) -> int:
+def _saved_by_first_block(model: WanModel, grid: tuple, text_len: int, dtype: str, per_token: bool = False) -> int:
     """Bytes the model's first block saves for backward (parameters excluded), by saved-tensor hooks."""
-    tokens, geom = model.embed_tokens(torch.randn(1, 16, *grid))
-    _, e0 = model.embed_time(torch.tensor([500.0]))
-    ctx = model.embed_text(torch.randn(1, text_len, 32))
+    cfg = model.config
+    tokens, geom = model.embed_tokens(torch.randn(1, cfg.in_dim, *grid))
+    _, e0 = model.embed_time(torch.full((1, geom.num_tokens), 500.0) if per_token else torch.tensor([500.0]))
+    image = torch.randn(1, cfg.image_len, cfg.image_dim) if cfg.image_dim is not None else None
+    ctx = model.embed_context(torch.randn(1, text_len, 32), image)
     seen, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
@@ -146,6 +179,20 @@ def test_block_activation_model_against_saved_tensor_hooks(dtype, dim, ffn, text
     estimate = block_saved_bytes(cfg, tokens, dtype, tp=1)
     assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
     assert set(BLOCK_SAVED_BYTES) == {"fp32", "bf16"}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["i2v", "per_token"])
+def test_family_block_activations_against_saved_tensor_hooks(dtype, variant):
+    """The I2V image branch and per-token modulation terms, measured like the block above."""
+    base = WanConfig(dim=80, ffn_dim=200, num_heads=4, num_layers=1, text_dim=32, text_len=40, freq_dim=32)
+    cfg = base.replace(in_dim=36, model_type="i2v", image_dim=12, image_len=9) if variant == "i2v" else base
+    torch.manual_seed(0)
+    measured = _saved_by_first_block(WanModel(cfg), (3, 8, 10), 40, dtype, per_token=variant == "per_token")
+    estimate = block_saved_bytes(cfg, 60, dtype, tp=1, per_token=variant == "per_token")
+    assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
+    plain = block_saved_bytes(base, 60, dtype, tp=1)
+    assert measured > 1.08 * plain  # the family's terms matter at this size
 
 
 def _tp_block_saved_bytes(sequence_parallel: bool) -> list[tuple]:

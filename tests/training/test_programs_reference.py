@@ -1,6 +1,7 @@
 """The trainer's step programs (pipelined passes, recomputed generator, critic passes) against the algorithms'
 single-device reference steps (tmd_megatron.algorithms), on one process with the same per-sample noise:
-losses and every gradient of every trained role."""
+losses and every gradient of every trained role; also with image conditioning (Wan2.1 I2V, Wan2.2 TI2V) and a
+two-expert (A14B) teacher and fake score."""
 import copy
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from tmd_megatron.algorithms import dmd2v as D
 from tmd_megatron.algorithms.common import Batch
+from layout_cases import tolerance
 from tmd_megatron.algorithms.tm_mf import tm_mf_loss
+from tmd_megatron.models.wan.conditioning import ImageCondition
 from tmd_megatron.parallel import Topology
 from tmd_megatron.training.config import compose, resolve
 from tmd_megatron.training.passes import Passes
@@ -17,16 +20,25 @@ from tmd_megatron.training.rng import step_rng
 from tmd_megatron.training.roles import build_roles
 
 
-def _setup(overrides):
-    res = resolve(compose(["experiment=tiny_smoke", "parallel.microbatches=1", *overrides]))
+PRESETS = ["tiny", "tiny-i2v", "tiny-ti2v", "tiny-a14b"]
+
+
+def _setup(overrides, preset="tiny"):
+    res = resolve(compose(["experiment=tiny_smoke", "parallel.microbatches=1", f"model.preset={preset}",
+                           *overrides]))
     torch.manual_seed(0)
     roles = build_roles(res, Topology.single())
     x = torch.randn(3, 16, 3, 8, 8)
     ctx = torch.randn(3, 5, 32)
     negative = torch.randn(2, 32)
     index = torch.tensor([4, 9, 17])
-    step = Step(res, roles, Passes(roles.topo, 1, "1f1b", None), [Micro(x, ctx, index)], negative, step=0)
-    return res, roles, step, Batch(x, ctx, negative)
+    cond = None
+    if res.wan.model_type == "i2v":
+        cond = ImageCondition.for_model(res.wan, torch.randn(3, 16, 3, 8, 8), torch.randn(3, 5, res.wan.image_dim))
+    elif res.wan.model_type == "ti2v":
+        cond = ImageCondition.for_model(res.wan, x)
+    step = Step(res, roles, Passes(roles.topo, 1, "1f1b", None), [Micro(x, ctx, index, cond=cond)], negative, step=0)
+    return res, roles, step, Batch(x, ctx, negative, cond)
 
 
 def _grads(module):
@@ -41,9 +53,9 @@ def _assert_close(got: dict, want: dict, what: str):
     assert worst < 1e-5, (what, worst)
 
 
-@pytest.mark.parametrize("jvp", ["fd", "exact"])
-def test_tm_mf_program_equals_the_reference_step(jvp):
-    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}"])
+@pytest.mark.parametrize("jvp,preset", [("fd", "tiny"), ("exact", "tiny"), ("fd", "tiny-i2v"), ("fd", "tiny-ti2v")])
+def test_tm_mf_program_equals_the_reference_step(jvp, preset):
+    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}"], preset)
     reference = copy.deepcopy(roles.student)
     tm_mf_step(step)
     loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)))
@@ -56,10 +68,11 @@ def batch_index(step):
     return step.micro[0].index
 
 
-@pytest.mark.parametrize("method", ["tmd", "dmd2v"])
-def test_stage2_program_equals_the_reference_steps(method):
+@pytest.mark.parametrize("method,preset", [("tmd", "tiny"), ("dmd2v", "tiny"), ("tmd", "tiny-i2v"),
+                                           ("tmd", "tiny-ti2v"), ("dmd2v", "tiny-a14b")])
+def test_stage2_program_equals_the_reference_steps(method, preset):
     extra = ["method=dmd2v", "model.init=null"] if method == "dmd2v" else []
-    res, roles, step, batch = _setup(extra)
+    res, roles, step, batch = _setup(extra, preset)
     cfg = res.dmd2v
     student, fake, disc = (copy.deepcopy(m) for m in (roles.student, roles.fake, roles.disc))
     stage2_step(step, generator=True)
@@ -69,15 +82,18 @@ def test_stage2_program_equals_the_reference_steps(method):
     disc.requires_grad_(False)
     loss, metrics = D.dmd2v_generator_loss(student, roles.teacher, fake, disc, batch, cfg, gen)
     loss.backward()
-    assert abs(step.metrics["vsd"] - float(metrics["vsd"])) < 1e-5 * max(abs(float(metrics["vsd"])), 1e-3)
+    # VSD's value is a mean of O(1) terms that cancel: compared on their scale (layout_cases.tolerance); a mixed
+    # two-expert batch runs each expert on a subset here and on the whole microbatch in the pipelined pass
+    assert abs(step.metrics["vsd"] - float(metrics["vsd"])) < tolerance("vsd", float(metrics["vsd"]))
     assert abs(step.metrics["gan_generator"] - float(metrics["gan_generator"])) < 1e-6
     _assert_close(_grads(roles.student), _grads(student), "student (VSD + GAN through the teacher)")
 
     # the critics train on the generator's own sample, continuing the same per-sample streams
     gen = step_rng(res.raw.run.seed, 0, "dmd", batch_index(step))
     with torch.no_grad():
-        x_hat = D.generate(student, D.sample_student_input(batch.latents, cfg, gen), batch.context, cfg, gen)
-    D.sample_noising(x_hat, cfg, gen)  # the generator's VSD noise
+        x_hat = D.generate(student, D.sample_student_input(batch.latents, cfg, gen, batch.cond), batch.context, cfg,
+                           gen, batch.cond)
+    D.sample_noising(x_hat, cfg, gen, batch.cond)  # the generator's VSD noise
     fake.requires_grad_(True)
     disc.requires_grad_(True)
     f_loss, _ = D.fake_score_loss(fake, x_hat, batch, cfg, gen)

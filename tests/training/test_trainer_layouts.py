@@ -2,7 +2,9 @@
 and TP2 x CP2 x PP2 (8 ranks) equal one process: every step's losses and every trained role's parameters after
 3 steps (student, fake score, discriminator), fp32, within 1e-5 relative. Under bf16 autocast (the GPU recipes'
 policy) the stage-2 steps of TP2+SP, CP2 ring / Ulysses and PP2 stay within twice the distance from the fp32
-run that one process under the same autocast has."""
+run that one process under the same autocast has. The Wan family in the same spawn: an I2V model (image tokens
+and conditioning latent through PP), TI2V (per-token timesteps across stages and CP shards, pinned first frame)
+and a two-expert A14B teacher and fake score (ExpertStage under PP)."""
 import pytest
 
 from layout_cases import METHODS, compare, max_param_error, run_case, run_cases
@@ -19,6 +21,12 @@ BF16 = ["model.compute_dtype=bf16"]
 BF16_LAYOUTS = {"tp2_sp": dict(tp=2), "cp2_ring": dict(cp=2), "cp2_ulysses": dict(cp=2, cp_comm="ulysses"),
                 "pp2": dict(pp=2)}
 BF16_FACTOR = 2.0  # as tests/parallel_cases.py
+FAMILY = {
+    "tmd/i2v_pp2": ("tmd", dict(pp=2, overrides=["model.preset=tiny-i2v"])),
+    "tm_mf/ti2v_pp2": ("tm_mf", dict(pp=2, overrides=["model.preset=tiny-ti2v"])),
+    "tmd/ti2v_cp2": ("tmd", dict(cp=2, overrides=["model.preset=tiny-ti2v"])),
+    "tmd/a14b_pp2": ("tmd", dict(pp=2, overrides=["model.preset=tiny-a14b"])),
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,8 @@ def two_rank(tmp_path_factory):
     cases = {f"{m}/{name}": (m, lay) for m in METHODS for name, lay in TWO.items()}
     cases["tmd/pp2_heads_last"] = ("tmd", dict(pp=2, overrides=HEADS_LAST))
     cases.update({f"tmd_bf16/{name}": ("tmd", dict(lay, overrides=BF16)) for name, lay in BF16_LAYOUTS.items()})
-    return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=900)[0]
+    cases.update(FAMILY)
+    return run_ranks(run_cases, 2, cases, str(tmp_path_factory.mktemp("two")), timeout=1500)[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +87,14 @@ def test_bf16_stage2_layouts_within_twice_the_single_process_bf16_error(referenc
     print(f"bf16 {layout}: " + ", ".join(f"{k} {got[k]:.1e} (one process {single[k]:.1e})" for k in sorted(got)))
     over = {k: (got[k], single[k]) for k in got if got[k] > BF16_FACTOR * single[k]}
     assert not over, over
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_wan_family_layouts_equal_one_process(two_rank, tmp_path, name):
+    method, layout = FAMILY[name]
+    reference = run_case(method, {"distributed": False, "overrides": layout["overrides"]}, str(tmp_path))
+    assert compare(two_rank[name], reference) == []
+    print(f"{name}: max param error {max_param_error(two_rank[name], reference):.1e}")
 
 
 @pytest.mark.parametrize("method", METHODS)

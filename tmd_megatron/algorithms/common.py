@@ -17,6 +17,7 @@ class Batch:
     latents: torch.Tensor  # clean video latents x [B, C, F, H, W]
     context: torch.Tensor  # text embedding [B, T, C_text]
     negative: torch.Tensor  # negative-prompt embedding (Table 8), [T', C_text] or [B, T', C_text]
+    cond: object = None  # image conditioning (models/wan/conditioning.ImageCondition) or None for text only
 
     def __post_init__(self):
         if self.latents.ndim != 5:
@@ -69,3 +70,10 @@ def randint(low: int, high: int, n: int, gen) -> torch.Tensor:
 def randn_like(x: torch.Tensor, gen) -> torch.Tensor:
     """Gaussian noise shaped like x (one sample per row of x)."""
     return randn(x.shape, gen, x.dtype).to(x.device)
+
+
+def pinned_noise(like: torch.Tensor, gen, cond=None) -> torch.Tensor:
+    """Gaussian noise shaped like the clean `like`; with image conditioning, a TI2V conditioning frame takes the
+    clean value (models/wan/conditioning.py: the frame is a fixed point of the flow). Draws as randn_like."""
+    noise = randn_like(like, gen)
+    return noise if cond is None else cond.pin(noise, like)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODEL_SIZES = {"wan2.1-t2v-1.3b": "1.3b", "wan2.1-t2v-14b": "14b", "1.3b": "1.3b", "14b": "14b"}
+# The paper has Table 7 values for Wan2.1 T2V 1.3B and 14B. The other 14B-class DiTs (40 blocks of width 5120) take
+# the 14B column; TI2V-5B (30 blocks like the 1.3B, so the same discriminator layers) takes the 1.3B column: our
+# choice, not the paper's (docs/wan_family.md).
+MODEL_SIZES = {"wan2.1-t2v-1.3b": "1.3b", "wan2.1-t2v-14b": "14b", "1.3b": "1.3b", "14b": "14b",
+               "wan2.1-i2v-14b": "14b", "wan2.2-t2v-a14b": "14b", "wan2.2-i2v-a14b": "14b", "wan2.2-ti2v-5b": "1.3b"}
 
 
 def _size(preset: str) -> str:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import Batch, randn_like
+from .common import Batch, pinned_noise, randn_like
 from .config import DMD2vConfig
 from .guidance import cfg_combine, match_contexts, wan_velocity
 from .timesteps import per_sample, sample_grid_times, sample_shifted, student_grid
-from .transition import inner_flow, interpolate, rollout_output, x0_from_velocity
+from .transition import inner_flow, inner_noise, interpolate, rollout_output, x0_from_velocity
 
 
 # ---- pure functions ----------------------------------------------------------------------------------------
@@ -72,30 +72,30 @@ class StudentInput:
     x1: torch.Tensor  # the noise that made x_t
 
 
-def sample_student_input(x: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator) -> StudentInput:
+def sample_student_input(x: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator, cond=None) -> StudentInput:
     """t_i ~ Unif{t_1..t_M} on the γ-shifted outer grid; x_{t_i} from real data (no backward simulation)."""
     grid = student_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max)
     t = sample_grid_times(x.shape[0], grid, gen).to(x.device)
-    x1 = randn_like(x, gen)
+    x1 = pinned_noise(x, gen, cond)
     return StudentInput(interpolate(x, x1, t), t, x1)
 
 
-def generate(student, inp: StudentInput, context: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator):
+def generate(student, inp: StudentInput, context: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator, cond=None):
     """The student's sample x̂: Eq. 17 for a Wan model, Eq. 15 (N-step flow-head rollout, fresh y_1) for a
     student with a flow head (DecoupledStudent). Differentiable; wrap in no_grad for the critics' updates."""
     if hasattr(student, "flow_head"):
-        features = student.backbone(inp.x_t, inp.t, context)
+        features = student.backbone(inp.x_t, inp.t, context, cond)
         inner = student_grid(cfg.inner_steps, cfg.inner_shift, cfg.t_max)
-        y_hat = inner_flow(student, features, randn_like(inp.x_t, gen), inner)
+        y_hat = inner_flow(student, features, inner_noise(randn_like(inp.x_t, gen), cond, student.config.target), inner)
         return rollout_output(inp.x_t, inp.t, y_hat, student.config.target, cfg.rollout_form, inp.x1)
-    v, _ = wan_velocity(student, inp.x_t, inp.t, context)
+    v, _ = wan_velocity(student, inp.x_t, inp.t, context, cond=cond)
     return x0_from_velocity(inp.x_t, inp.t, v)
 
 
-def sample_noising(x_hat: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator):
+def sample_noising(x_hat: torch.Tensor, cfg: DMD2vConfig, gen: torch.Generator, cond=None):
     """(t_dmd, ε): t_dmd shifted (γ = 5) in [t_min, t_max_dmd], fresh noise."""
     t = sample_shifted(x_hat.shape[0], cfg.t_shift, gen, cfg.t_min, cfg.t_max_dmd).to(x_hat.device)
-    return t, randn_like(x_hat, gen)
+    return t, pinned_noise(x_hat, gen, cond)
 
 
 # ---- the three updates ---------------------------------------------------------------------------------------
@@ -104,22 +104,23 @@ def dmd2v_generator_loss(
 ):
     """Student loss VSD + λ·GAN (Algorithm 2, stage two). Gradients flow to the student only: the teacher,
     fake score and discriminator are used as functions (their parameters should be frozen by the caller)."""
-    inp = sample_student_input(batch.latents, cfg, gen)
-    x_hat = generate(student, inp, batch.context, cfg, gen)
-    t, eps = sample_noising(x_hat, cfg, gen)
+    cond = batch.cond
+    inp = sample_student_input(batch.latents, cfg, gen, cond)
+    x_hat = generate(student, inp, batch.context, cfg, gen, cond)
+    t, eps = sample_noising(x_hat, cfg, gen, cond)
     x_hat_t = interpolate(x_hat, eps, t)
     use_gan = discriminator is not None and cfg.gan_weight > 0
 
     with torch.no_grad():
-        v_fake, _ = wan_velocity(fake_score, x_hat_t, t, batch.context)
-        if cfg.cfg_scale != 1.0:
+        v_fake, _ = wan_velocity(fake_score, x_hat_t, t, batch.context, cond=cond)
+        if cfg.cfg_scale != 1.0:  # CFG drops the text only (Wan's I2V sampler keeps the image)
             _, negative = match_contexts(batch.context, batch.negative)
-            v_uncond, _ = wan_velocity(teacher, x_hat_t, t, negative)
+            v_uncond, _ = wan_velocity(teacher, x_hat_t, t, negative, cond=cond)
     with torch.set_grad_enabled(use_gan and torch.is_grad_enabled()):
         # One conditional teacher pass serves both the VSD target (detached) and the GAN features (which
         # must carry gradients back to x̂).
         layers = tuple(discriminator.layers) if use_gan else ()
-        v_cond, hidden = wan_velocity(teacher, x_hat_t, t, batch.context, capture=layers)
+        v_cond, hidden = wan_velocity(teacher, x_hat_t, t, batch.context, capture=layers, cond=cond)
     x_hat_t_sg = x_hat_t.detach()
     g_fake = x0_from_velocity(x_hat_t_sg, t, v_fake)
     v_teacher = v_cond.detach() if cfg.cfg_scale == 1.0 else cfg_combine(v_cond.detach(), v_uncond, cfg.cfg_scale)
@@ -139,30 +140,32 @@ def dmd2v_generator_loss(
 def student_sample(student, batch: Batch, cfg: DMD2vConfig, gen: torch.Generator) -> torch.Tensor:
     """A detached student sample for the critics' updates (the fake score and the discriminator share it)."""
     with torch.no_grad():
-        return generate(student, sample_student_input(batch.latents, cfg, gen), batch.context, cfg, gen)
+        inp = sample_student_input(batch.latents, cfg, gen, batch.cond)
+        return generate(student, inp, batch.context, cfg, gen, batch.cond)
 
 
 def fake_score_loss(fake_score, x_hat: torch.Tensor, batch: Batch, cfg: DMD2vConfig, gen: torch.Generator):
     """Denoising score matching of the fake score on the student's samples (App. A.3)."""
-    t, eps = sample_noising(x_hat, cfg, gen)
-    v, _ = wan_velocity(fake_score, interpolate(x_hat.detach(), eps, t), t, batch.context)
+    t, eps = sample_noising(x_hat, cfg, gen, batch.cond)
+    v, _ = wan_velocity(fake_score, interpolate(x_hat.detach(), eps, t), t, batch.context, cond=batch.cond)
     loss = dsm_loss(v, x_hat, eps, t, cfg.fake_target)
     return loss, {"fake_score_loss": loss.detach()}
 
 
 def discriminator_loss(teacher, discriminator, x_hat: torch.Tensor, batch: Batch, cfg: DMD2vConfig, gen):
     """Conv3D heads on teacher features of noisy fake (x̂_t, t) vs noisy real (x_t, t) data (App. A.3)."""
-    t, eps = sample_noising(x_hat, cfg, gen)
+    cond = batch.cond
+    t, eps = sample_noising(x_hat, cfg, gen, cond)
     if cfg.gan_same_noise:
         t_real, eps_real = t, eps
     else:
-        t_real, eps_real = sample_noising(x_hat, cfg, gen)
+        t_real, eps_real = sample_noising(x_hat, cfg, gen, cond)
     layers = tuple(discriminator.layers)
     with torch.no_grad():
         fake_in = interpolate(x_hat.detach(), eps, t)
         real_in = interpolate(batch.latents, eps_real, t_real)
-        _, fake_hidden = wan_velocity(teacher, fake_in, t, batch.context, capture=layers)
-        _, real_hidden = wan_velocity(teacher, real_in, t_real, batch.context, capture=layers)
+        _, fake_hidden = wan_velocity(teacher, fake_in, t, batch.context, capture=layers, cond=cond)
+        _, real_hidden = wan_velocity(teacher, real_in, t_real, batch.context, capture=layers, cond=cond)
     fake_logits = discriminator(discriminator.volumes(teacher, fake_hidden, fake_in.shape))
     real_logits = discriminator(discriminator.volumes(teacher, real_hidden, real_in.shape))
     loss = gan_discriminator_loss(real_logits, fake_logits)

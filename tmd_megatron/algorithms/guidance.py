@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tmd_megatron.models.wan.conditioning import model_call_inputs
+
 from .common import rand
 from .timesteps import per_sample, wan_units
 
@@ -40,37 +42,53 @@ def drop_condition(
     return torch.where(per_sample(keep, context).bool(), context, negative), keep
 
 
-def wan_velocity(model, x_t, t, context, capture: tuple[int, ...] = (), skip_layers: tuple[int, ...] = ()):
+def wan_velocity(model, x_t, t, context, capture: tuple[int, ...] = (), skip_layers: tuple[int, ...] = (),
+                 cond=None):
     """A Wan model's velocity at (x_t, t ∈ [0,1]) and {block: hidden tokens} for `capture`.
 
-    skip_layers bypasses those blocks (skip-layer guidance for the unconditional branch, Table 7 KD).
+    cond: the batch's image conditioning (models/wan/conditioning.py), or None for text only. A two-expert model
+    runs each sample on its expert. skip_layers bypasses those blocks (skip-layer guidance for the unconditional
+    branch, Table 7 KD).
     """
+    if hasattr(model, "per_expert"):
+        def one(expert, x_t, t, context, cond):
+            return wan_velocity(expert, x_t, t, context, capture, skip_layers, cond)
+
+        return model.per_expert(wan_units(t), one, x_t, t, context, cond)
+    if cond is None:
+        x_in, timestep, image = x_t, wan_units(t), None
+    else:
+        x_in, timestep, image = model_call_inputs(model.config, x_t, wan_units(t), cond)
     if not skip_layers:
-        out = model(x_t, wan_units(t), context, return_hidden=tuple(capture))
-        return out if capture else (out, {})
+        image_arg = () if image is None else (image,)  # text-only models need not take the argument
+        out = model(x_in, timestep, context, *image_arg, return_hidden=tuple(capture))
+        out, hidden = out if capture else (out, {})
+        return (out if cond is None else cond.output(out)), hidden
     bad = [i for i in skip_layers if not 0 <= i < model.config.num_layers]
     if bad:
         raise ValueError(
             f"skip layers {bad} are outside the model's {model.config.num_layers} blocks; set KDConfig.skip_layers"
         )
-    tokens, geom = model.embed_tokens(x_t)
-    e, e0 = model.embed_time(wan_units(t))
-    ctx = model.embed_text(context)
+    tokens, geom = model.embed_tokens(x_in)
+    e, e0 = model.embed_time(timestep)
+    ctx = model.embed_context(context, image)
     hidden, start = {}, 0
     for stop in sorted(set(skip_layers)) + [model.config.num_layers]:
         tokens, h = model.run_blocks(tokens, ctx, e0, geom, start, stop, capture=tuple(capture))
         hidden.update(h)
         start = stop + 1
-    return model.head_out(tokens, e, geom), hidden
+    out = model.head_out(tokens, e, geom)
+    return (out if cond is None else cond.output(out)), hidden
 
 
 def guided_velocity(
-    model, x_t, t, context, negative, scale: float, skip_layers: tuple[int, ...] = ()
+    model, x_t, t, context, negative, scale: float, skip_layers: tuple[int, ...] = (), cond=None
 ) -> torch.Tensor:
-    """Teacher velocity with CFG against the negative prompt; the unconditional pass may skip layers."""
-    cond, _ = wan_velocity(model, x_t, t, context)
+    """Teacher velocity with CFG against the negative prompt; the unconditional pass may skip layers. With image
+    conditioning the unconditional pass keeps the image and drops the text only (Wan's I2V sampler)."""
+    cond_v, _ = wan_velocity(model, x_t, t, context, cond=cond)
     if scale == 1.0:
-        return cond
+        return cond_v
     context, negative = match_contexts(context, negative)
-    uncond, _ = wan_velocity(model, x_t, t, negative, skip_layers=skip_layers)
-    return cfg_combine(cond, uncond, scale)
+    uncond, _ = wan_velocity(model, x_t, t, negative, skip_layers=skip_layers, cond=cond)
+    return cfg_combine(cond_v, uncond, scale)

@@ -19,10 +19,10 @@ def kd_teacher_grid(cfg: KDConfig) -> torch.Tensor:
     return shift_time(base, cfg.teacher_shift)
 
 
-def teacher_ode_pairs(teacher, noise, context, negative, cfg: KDConfig) -> torch.Tensor:
+def teacher_ode_pairs(teacher, noise, context, negative, cfg: KDConfig, cond=None) -> torch.Tensor:
     """The data end x_0 of the teacher ODE started from `noise` (the pair is (noise, x_0))."""
     return teacher_euler_sample(
-        teacher, noise, context, kd_teacher_grid(cfg), negative, cfg.cfg_scale, tuple(cfg.skip_layers)
+        teacher, noise, context, kd_teacher_grid(cfg), negative, cfg.cfg_scale, tuple(cfg.skip_layers), cond
     )
 
 
@@ -31,11 +31,11 @@ def kd_regression_loss(x_hat: torch.Tensor, x0_teacher: torch.Tensor) -> torch.T
     return (x_hat.float() - x0_teacher.detach().float()).pow(2).mean()
 
 
-def kd_loss(student, noise, x0_teacher, context, cfg: KDConfig, gen: torch.Generator | None = None):
+def kd_loss(student, noise, x0_teacher, context, cfg: KDConfig, gen: torch.Generator | None = None, cond=None):
     """One KD step for a one-step student: x̂ = g(noise, t_M) (Eq. 17, or the rollout for a decoupled
     student), regressed on the teacher pair's endpoint."""
     t = torch.full((noise.shape[0],), cfg.t_max, dtype=torch.float64, device=noise.device)
     one_step = DMD2vConfig(outer_steps=1, t_max=cfg.t_max)
-    x_hat = generate(student, StudentInput(noise, t, noise), context, one_step, gen)
+    x_hat = generate(student, StudentInput(noise, t, noise), context, one_step, gen, cond)
     loss = kd_regression_loss(x_hat, x0_teacher)
     return loss, {"kd_loss": loss.detach()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Batch, randn_like
+from .common import Batch, pinned_noise
 from .config import TMMFConfig
 from .guidance import cfg_combine, drop_condition, match_contexts, wan_velocity
 from .jvp import fd_precision, total_derivative
@@ -42,19 +42,19 @@ def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, tea
     """
     if cfg.cfg_source == "teacher" and cfg.cfg_scale != 1.0 and teacher is None:
         raise ValueError("TMMFConfig.cfg_source='teacher' needs the teacher; pass teacher= or use 'student'")
-    x, target = batch.latents, student.config.target
+    x, target, cond = batch.latents, student.config.target, batch.cond
     n = x.shape[0]
     outer = student_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max)
     inner = student_grid(cfg.inner_steps, cfg.inner_shift, cfg.t_max)
 
     t = sample_grid_times(n, outer, gen).to(x.device)
-    x1 = randn_like(x, gen)
+    x1 = pinned_noise(x, gen, cond)
     x_t = interpolate(x, x1, t)
-    context, keep = drop_condition(batch.context, batch.negative, cfg.cond_dropout, gen)
-    features = student.backbone(x_t, t, context)
+    context, keep = drop_condition(batch.context, batch.negative, cfg.cond_dropout, gen)  # text only, image kept
+    features = student.backbone(x_t, t, context, cond)
 
     y = inner_target(x, x1, target)
-    y1 = randn_like(y, gen)
+    y1 = pinned_noise(y, gen, cond)
     s, r = (z.to(x.device) for z in sample_mf_times(n, inner, gen, cfg.s_shift, cfg.r_equals_s, cfg.s_min, cfg.s_max))
     y_s = interpolate(y, y1, s)
     v = conditional_velocity(y, y1)
@@ -66,10 +66,10 @@ def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, tea
         if cfg.cfg_scale != 1.0:
             _, negative = match_contexts(batch.context, batch.negative)
             if cfg.cfg_source == "student":
-                uncond_features = student.backbone(x_t, t, negative)
+                uncond_features = student.backbone(x_t, t, negative, cond)
                 head_uncond = student.flow_head(y_s, s, s, uncond_features)
             else:
-                head_uncond, _ = wan_velocity(teacher, x_t, t, negative)
+                head_uncond, _ = wan_velocity(teacher, x_t, t, negative, cond=cond)
             v = mf_guided_velocity(v, u_of(head_uncond, y_s, s), cfg.cfg_scale, keep)
 
     def u_fn(y_in, s_in):

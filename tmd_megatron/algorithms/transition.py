@@ -116,6 +116,15 @@ def rollout_output(
     raise ValueError(f"unknown rollout form {form!r}; choose one of {ROLLOUT_FORMS}")
 
 
+def inner_noise(y1: torch.Tensor, cond, target: str = "dtm") -> torch.Tensor:
+    """The inner flow's starting noise y_1, pinned on a TI2V conditioning frame (cond: the batch's image
+    conditioning or None) to the inner target's value there: 0 for y = x_1 − x (whose noise is pinned too), the
+    clean latent for y = x."""
+    if cond is None:
+        return y1
+    return cond.pin(y1, torch.zeros_like(y1) if target == "dtm" else cond.latent)
+
+
 def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor, head=None) -> torch.Tensor:
     """INNERFLOW(m) of Algorithm 1: y = y_1, then y ← f_θ(y, s_j, s_{j−1}; m) for j = N..1; returns ŷ.
 

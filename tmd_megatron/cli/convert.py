@@ -1,4 +1,5 @@
-"""tmd-convert: rewrite a Wan2.1 DiT checkpoint between the original and diffusers formats."""
+"""tmd-convert: rewrite a Wan DiT checkpoint between the original and diffusers formats (A14B: both experts, in
+each format's two-expert layout)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,8 @@ import sys
 
 import torch
 
-from tmd_megatron.models.wan.checkpoint import CheckpointError, load_wan, save_wan
+from tmd_megatron.models.wan import WanExperts, WanModel
+from tmd_megatron.models.wan.checkpoint import CheckpointError, expert_dirs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
 
@@ -29,13 +31,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="tensor dtype to write")
     args = p.parse_args(argv)
     try:
-        model = load_wan(args.src, dtype=None)
-        save_wan(model, args.dst, format=args.to, max_shard_bytes=args.shard_size, dtype=DTYPES[args.dtype])
+        loader = WanExperts if expert_dirs(args.src) is not None else WanModel
+        model = loader.from_pretrained(args.src, dtype=None)
+        model.save_pretrained(args.dst, format=args.to, max_shard_bytes=args.shard_size, dtype=DTYPES[args.dtype])
     except CheckpointError as err:
         print(f"tmd-convert: {err}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.dst} ({args.to} format, {n:,} parameters, {model.config.num_layers} blocks)")
+    experts = " in two experts" if isinstance(model, WanExperts) else ""
+    print(f"wrote {args.dst} ({args.to} format, {n:,} parameters{experts}, {model.config.num_layers} blocks)")
     return 0
 
 

@@ -49,14 +49,17 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def cmd_videos(args) -> int:
-    from tmd_megatron.data.preprocess import WanVAE, preprocess_videos, read_manifest
+    from tmd_megatron.data.preprocess import ClipImageEncoder, WanVAE, preprocess_videos, read_manifest
 
     rank, world = _ranks()
+    clip = ClipImageEncoder.from_pretrained(args.image_encoder, device=_device(args.device)) if args.image_encoder \
+        else None
     stats = preprocess_videos(
         read_manifest(args.manifest), args.out, WanVAE.from_pretrained(args.vae, device=_device(args.device)),
         _prompt_encoder(args, args.text_len), num_frames=args.frames, height=args.height, width=args.width,
         batch_size=args.batch_size, samples_per_shard=args.samples_per_shard, dtype=DTYPES[args.dtype],
-        rank=rank, world_size=world, on_error=args.on_error, progress=not args.no_progress,
+        rank=rank, world_size=world, on_error=args.on_error, progress=not args.no_progress, i2v=args.i2v,
+        image_encoder=clip,
     )
     print(f"rank {rank}: wrote {stats['written']} samples, {stats['skipped_shards']} shards already finished, "
           f"{len(stats['failed'])} videos failed")
@@ -67,11 +70,17 @@ def cmd_teacher(args) -> int:
     from tmd_megatron.data.synthetic import SyntheticTask
     from tmd_megatron.data.teacher_data import generate_teacher_data
     from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT
-    from tmd_megatron.models.wan import WanModel
+    from tmd_megatron.data.preprocess import PreprocessError
+    from tmd_megatron.models.wan import WanExperts, WanModel
+    from tmd_megatron.models.wan.checkpoint import expert_dirs
 
     rank, world = _ranks()
     device = _device(args.device)
-    model = WanModel.from_pretrained(args.teacher).to(device).eval()
+    loader = WanExperts if expert_dirs(args.teacher) is not None else WanModel  # A14B: experts switch by t
+    model = loader.from_pretrained(args.teacher).to(device).eval()
+    if model.config.model_type == "i2v":
+        raise PreprocessError("teacher data from an I2V model needs a first frame per prompt, which this command does "
+                              "not take: preprocess videos with --i2v instead")
     if args.text_encoder == "synthetic":
         task = SyntheticTask(text_dim=model.config.text_dim)
         encode, negative = task.encode_prompts, args.negative_prompt or ""
@@ -95,9 +104,10 @@ def cmd_teacher(args) -> int:
 def cmd_synthetic(args) -> int:
     from tmd_megatron.data.synthetic import SyntheticTask
 
-    task = SyntheticTask(frames=args.frames, size=args.size, text_dim=args.text_dim)
+    task = SyntheticTask(frames=args.frames, size=args.size, text_dim=args.text_dim, image_dim=args.image_dim,
+                         image_len=args.image_len)
     paths = task.write_shards(args.out, args.num_samples, args.seed, args.samples_per_shard, DTYPES[args.dtype],
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, image=args.image)
     print(f"{len(paths)} shards of latents {task.latent_shape} in {args.out}")
     return 0
 
@@ -151,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-len", type=int, default=512)
     v.add_argument("--batch-size", type=int, default=4)
     v.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="for unreadable/short videos")
+    v.add_argument("--i2v", action="store_true",
+                   help="image-to-video data: also the first frame's conditioning latent (Wan2.1/2.2 I2V)")
+    v.add_argument("--image-encoder", help="transformers CLIPVisionModel + CLIPImageProcessor folder: also the "
+                   "first frame's CLIP tokens (Wan2.1 I2V; needs --i2v)")
     text(v)
     common(v)
     v.set_defaults(func=cmd_videos)
@@ -181,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=3)
     s.add_argument("--size", type=int, default=16)
     s.add_argument("--text-dim", type=int, default=32)
+    s.add_argument("--image", action="store_true", help="image-conditioned mode: the first frame's conditioning "
+                   "latent and image tokens too (for I2V models)")
+    s.add_argument("--image-dim", type=int, default=None, help="width of the image tokens (with --image)")
+    s.add_argument("--image-len", type=int, default=5, help="number of image tokens (with --image)")
     common(s, dtype="fp32")
     s.set_defaults(func=cmd_synthetic)
 

@@ -5,8 +5,11 @@
                --vae /ckpt/Wan2.1-T2V-14B-Diffusers/vae --latent 16,21,60,104 --out samples/
 
 The model directory is a TMD student export (student.json: Algorithm 1) or a Wan checkpoint (--sampler dmd2v for a
-DMD2-v student, teacher for a teacher with 50-step CFG Euler). Latents are written as .pt; with --vae they are
-decoded by diffusers' Wan VAE to mp4 (PyAV); with --synthetic the synthetic task's exact decoder gives a preview.
+DMD2-v student, teacher for a teacher with 50-step CFG Euler; an A14B directory samples with both experts).
+Latents are written as .pt; with --vae they are decoded by diffusers' Wan VAE to mp4 (PyAV); with --synthetic the
+synthetic task's exact decoder gives a preview. Image-to-video models (I2V, TI2V) take the first frame with
+--image (one image, or one per prompt): encoded by the synthetic task, or by --vae (and --image-encoder, the CLIP
+model of Wan2.1 I2V).
 """
 from __future__ import annotations
 
@@ -37,6 +40,40 @@ def _write_mp4(path: Path, video_3_F_H_W: torch.Tensor, fps: int = 16) -> None:
             out.mux(packet)
 
 
+def _image_condition(a, p, cfg, task, latent, n: int):
+    """The first frames' conditioning for the model, or None; bad combinations exit 2 naming the fix."""
+    from tmd_megatron.data.preprocess import ClipImageEncoder, WanVAE, read_image
+    from tmd_megatron.models.wan.conditioning import ImageCondition
+
+    if not a.image:
+        if cfg.model_type == "i2v":
+            p.error("this is an image-to-video model: give the first frame with --image <file>")
+        return None
+    if cfg.model_type == "t2v":
+        p.error("this is a text-to-video model: drop --image")
+    if len(a.image) not in (1, n):
+        p.error(f"give one --image for all prompts or one per prompt ({n}), not {len(a.image)}")
+    paths = a.image * n if len(a.image) == 1 else a.image
+    if task is not None:
+        frames = torch.stack([read_image(q, task.size, task.size) for q in paths])
+        parts = task.image_condition(frames)
+        return ImageCondition.for_model(cfg, parts["cond"], parts.get("clip"))
+    if not a.vae:
+        p.error("encoding --image needs the VAE: add --vae <AutoencoderKLWan dir> (or --synthetic)")
+    if cfg.image_dim is not None and not a.image_encoder:
+        p.error("this Wan2.1 I2V model reads CLIP tokens of the image: add --image-encoder <CLIPVisionModel dir>")
+    vae = WanVAE.from_pretrained(a.vae, device=a.device)
+    _, f, h, w = latent
+    frames = torch.stack([read_image(q, h * vae.spatial_stride, w * vae.spatial_stride) for q in paths])
+    if cfg.model_type == "i2v":  # the first frame then zero frames, as many video frames as the latent holds
+        video = torch.cat([frames[:, :, None], torch.zeros(n, 3, 4 * (f - 1), *frames.shape[-2:])], dim=2)
+        cond_latent = vae.encode_first_frame(video)
+    else:
+        cond_latent = vae.encode(frames[:, :, None])
+    clip = ClipImageEncoder.from_pretrained(a.image_encoder, device=a.device)(frames) if cfg.image_dim else None
+    return ImageCondition.for_model(cfg, cond_latent, clip)
+
+
 def main(argv=None) -> int:
     from tmd_megatron.training.export import STUDENT_JSON, load_student
     from tmd_megatron.training.sampling import SAMPLER_JSON, SamplerConfig, sample
@@ -50,11 +87,15 @@ def main(argv=None) -> int:
     p.add_argument("--inner-steps", type=int, help="N (default: what the student was distilled for)")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=5.0)
-    p.add_argument("--latent", default=None, help="C,F,H,W (default: the synthetic task's, or 16,21,60,104)")
+    p.add_argument("--latent", default=None, help="C,F,H,W (default: the synthetic task's, 16,21,60,104, or "
+                   "48,31,44,80 for a 48-channel model)")
     p.add_argument("--synthetic", action="store_true", help="encode prompts and decode latents with the synthetic task")
     p.add_argument("--umt5", help="umT5 encoder directory (transformers) for real prompts")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --umt5)")
-    p.add_argument("--vae", help="diffusers AutoencoderKLWan directory: decode to mp4")
+    p.add_argument("--vae", help="diffusers AutoencoderKLWan directory: decode to mp4 (and encode --image)")
+    p.add_argument("--image", nargs="*", default=[], help="first frame for an image-to-video model: one image file "
+                   "for all prompts, or one per prompt")
+    p.add_argument("--image-encoder", help="CLIPVisionModel directory for --image with a Wan2.1 I2V model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (Wan's inference precision) on the device")
@@ -72,16 +113,21 @@ def main(argv=None) -> int:
     kind = a.sampler or ("tmd" if is_student else "dmd2v")
     if kind == "tmd" and not is_student:
         p.error(f"{model_dir} has no {STUDENT_JSON}: it is not a TMD student export (use --sampler dmd2v/teacher)")
-    from tmd_megatron.models.wan import WanModel
+    from tmd_megatron.models.wan import WanExperts, WanModel
+    from tmd_megatron.models.wan.checkpoint import expert_dirs
 
-    model = load_student(model_dir, device=a.device) if is_student else WanModel.from_pretrained(model_dir, device=a.device)
+    if is_student:
+        model = load_student(model_dir, device=a.device)
+    else:
+        loader = WanExperts if expert_dirs(model_dir) is not None else WanModel  # A14B: experts switch by t
+        model = loader.from_pretrained(model_dir, device=a.device)
     model.eval()
+    wan_cfg = model.wan.config if is_student else model.config
     task = None
     if a.synthetic:
         from tmd_megatron.data.synthetic import SyntheticTask
 
-        wan = model.wan if is_student else model
-        task = SyntheticTask(text_dim=wan.config.text_dim)
+        task = SyntheticTask(text_dim=wan_cfg.text_dim, image_dim=wan_cfg.image_dim, image_len=wan_cfg.image_len)
         contexts, negative = task.encode_prompts(prompts), task.encode_text("")
     else:
         from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT, PromptEncoder
@@ -90,14 +136,18 @@ def main(argv=None) -> int:
         contexts, negative = enc(prompts), enc([WAN_NEGATIVE_PROMPT])[0]
     width = max(c.shape[0] for c in contexts)
     ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float().to(a.device)
-    latent = tuple(int(v) for v in a.latent.split(",")) if a.latent else (task.latent_shape if task else (16, 21, 60, 104))
+    # defaults: Wan2.1's 81 frames at 832x480 (16 channels), Wan2.2 TI2V's 121 frames at 1280x704 (48 channels)
+    default = {48: (48, 31, 44, 80)}.get(wan_cfg.out_dim, (16, 21, 60, 104))
+    latent = tuple(int(v) for v in a.latent.split(",")) if a.latent else (task.latent_shape if task else default)
     trained = model_dir / SAMPLER_JSON
     cfg = SamplerConfig(**json.loads(trained.read_text())) if trained.exists() else SamplerConfig()
     chosen = {"outer_steps": a.outer_steps, "inner_steps": a.inner_steps}
     cfg = dataclasses.replace(cfg, teacher_steps=a.teacher_steps, cfg_scale=a.cfg_scale,
                               **{k: v for k, v in chosen.items() if v is not None})
+    cond = _image_condition(a, p, wan_cfg, task, latent, len(prompts))
+    cond = None if cond is None else cond.to(a.device)
     with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
-        x, nfe = sample(kind, model, ctx, negative.float().to(a.device), latent, cfg, a.seed)
+        x, nfe = sample(kind, model, ctx, negative.float().to(a.device), latent, cfg, a.seed, cond=cond)
     x = x.float()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

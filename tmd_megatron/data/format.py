@@ -1,7 +1,9 @@
 """Sample shards: webdataset-style tar files plus a JSON index per shard (docs/data.md describes the bytes).
 
 A shard `NAME.tar` holds, per sample with key K, the members `K.latent.npy`, `K.context.npy`, `K.txt` (prompt),
-`K.json` (context length and metadata) and optionally `K.noise.npy` (KD pairs). Its index `NAME.tar.idx.json`
+`K.json` (context length and metadata) and optionally `K.noise.npy` (KD pairs), `K.cond.npy` (the I2V
+conditioning latent: the VAE latent of the first frame followed by zero frames) and `K.clip.npy` (CLIP image tokens
+of the first frame, Wan2.1 I2V). Its index `NAME.tar.idx.json`
 records where each member's bytes sit, their CRC-32 and the array shapes, and is written only after the tar is
 complete: a shard with an index is finished, one without is not. Readers seek to members through the index and
 check every byte they use, so a truncated or corrupted shard raises `ShardError` naming it and is never misread.
@@ -25,7 +27,8 @@ import torch
 FORMAT_NAME = "tmd-shard"
 FORMAT_VERSION = 1
 INDEX_SUFFIX = ".idx.json"
-ARRAY_MEMBERS = ("latent.npy", "context.npy", "noise.npy")
+ARRAY_MEMBERS = ("latent.npy", "context.npy", "noise.npy", "cond.npy", "clip.npy")
+OPTIONAL_ARRAYS = ("noise", "cond", "clip")  # stored in the latent's dtype
 REQUIRED_MEMBERS = ("latent.npy", "context.npy", "txt", "json")
 # bfloat16 has no numpy dtype: its bit patterns are stored as little-endian uint16 ("<u2"); the format never
 # stores genuine uint16 data, so "<u2" always means bfloat16.
@@ -116,8 +119,10 @@ class ShardWriter:
         self._keys: set[str] = set()
 
     def add(self, key: str, latent: torch.Tensor, context: torch.Tensor, prompt: str, meta: dict | None = None,
-            noise: torch.Tensor | None = None) -> None:
-        """latent [C, F, H, W]; context [context_len, text_dim] (unpadded rows, EOS included); noise like latent."""
+            noise: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+            clip: torch.Tensor | None = None) -> None:
+        """latent [C, F, H, W]; context [context_len, text_dim] (unpadded rows, EOS included); noise and cond like
+        latent; clip [image tokens, width]."""
         if not KEY_PATTERN.fullmatch(key):
             raise ShardError(f"sample key {key!r} must match {KEY_PATTERN.pattern} (no dots: they split members)")
         if key in self._keys:
@@ -126,14 +131,16 @@ class ShardWriter:
         _check_array("context", context, 2, key)
         if context.shape[0] < 1:
             raise ShardError(f"sample {key!r}: context has no rows; a prompt encodes to at least its EOS token")
-        if noise is not None:
-            _check_array("noise", noise, 4, key)
-            if noise.shape != latent.shape or noise.dtype != latent.dtype:
-                raise ShardError(f"sample {key!r}: noise {tuple(noise.shape)} {noise.dtype} must match latent "
-                                 f"{tuple(latent.shape)} {latent.dtype}")
+        extra = {"noise": noise, "cond": cond, "clip": clip}
+        for name, t in extra.items():
+            if t is None:
+                continue
+            _check_array(name, t, 2 if name == "clip" else 4, key)
+            if (name != "clip" and t.shape != latent.shape) or t.dtype != latent.dtype:
+                raise ShardError(f"sample {key!r}: {name} {tuple(t.shape)} {t.dtype} must match latent "
+                                 f"{tuple(latent.shape) if name != 'clip' else ''} {latent.dtype}")
         payload = {"latent.npy": encode_array(latent), "context.npy": encode_array(context)}
-        if noise is not None:
-            payload["noise.npy"] = encode_array(noise)
+        payload.update({f"{name}.npy": encode_array(t) for name, t in extra.items() if t is not None})
         payload["txt"] = prompt.encode("utf-8")
         payload["json"] = json.dumps({"context_len": int(context.shape[0]), "meta": meta or {}},
                                      sort_keys=True).encode("utf-8")
@@ -151,6 +158,7 @@ class ShardWriter:
             "latent_shape": list(latent.shape), "latent_dtype": str(latent.dtype).removeprefix("torch."),
             "context_len": int(context.shape[0]), "text_dim": int(context.shape[1]),
             "context_dtype": str(context.dtype).removeprefix("torch."),
+            **({"clip_shape": list(clip.shape)} if clip is not None else {}),
         })
 
     def close(self) -> None:
@@ -262,10 +270,15 @@ def read_sample(f, shard_name: str, entry: dict, describe_only: bool = False) ->
     if latent.ndim != 4 or context.ndim != 2 or context.shape[0] != context_len or context_len < 1:
         raise ShardError(f"{where}: latent {latent.shape} / context {context.shape} (context_len {context_len}); "
                          f"expected a 4-d latent and context_len rows of text embedding")
-    if "noise" in arrays and arrays["noise"][0].shape != latent.shape:
-        raise ShardError(f"{where}: noise {arrays['noise'][0].shape} differs from latent {latent.shape}")
+    for name in ("noise", "cond"):
+        if name in arrays and arrays[name][0].shape != latent.shape:
+            raise ShardError(f"{where}: {name} {arrays[name][0].shape} differs from latent {latent.shape}")
     described = {"latent_shape": list(latent.shape), "latent_dtype": latent_dtype, "context_len": context_len,
                  "text_dim": int(context.shape[1]), "context_dtype": context_dtype}
+    if "clip" in arrays:
+        if arrays["clip"][0].ndim != 2:
+            raise ShardError(f"{where}: clip {arrays['clip'][0].shape}; expected [image tokens, width]")
+        described["clip_shape"] = list(arrays["clip"][0].shape)
     if not describe_only:
         expected = {k: entry[k] for k in described}
         if described != expected:

@@ -11,7 +11,8 @@ def make_loader(shards, batch_size: int, dp_rank: int = 0, dp_size: int = 1, see
                 start: LoaderPosition | dict | None = None, text_len: int = WAN_TEXT_LEN,
                 on_corrupt: str = "raise", num_epochs: int | None = None, device_id: int | None = None):
     """Batches {"latent" [B,C,F,H,W], "context" [B,text_len,D] (zero-padded), "context_len" [B], "index" [B],
-    "noise" (KD shards only), "prompt", "key", "meta" (lists)} for one data-parallel rank.
+    "noise" (KD shards only), "cond" (I2V conditioning latent) and "clip" (CLIP image tokens) where the shards
+    hold them, "prompt", "key", "meta" (lists)} for one data-parallel rank.
 
     shards: directory, glob, path or list of them. Deterministic given (seed, epoch); `loader.position()` is a
     JSON-able dict, and `start=` that dict continues the exact sequence. on_corrupt: "raise" refuses a bad shard

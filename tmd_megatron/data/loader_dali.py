@@ -13,7 +13,7 @@ import torch
 
 from .stream import LoaderPosition, SampleStream
 
-ARRAYS = ("latent", "context", "noise")
+ARRAYS = ("latent", "context", "noise", "cond", "clip")
 
 
 def dali_available() -> bool:
@@ -36,9 +36,10 @@ class DaliLoader:
 
         self.stream, self.batch_size, self.text_len = stream, batch_size, text_len
         desc = stream.shards.describe
-        self.arrays = [a for a in ARRAYS if a != "noise" or desc["has_noise"]]
-        self.bf16 = {"latent": desc["latent_dtype"] == "bfloat16", "noise": desc["latent_dtype"] == "bfloat16",
-                     "context": desc["context_dtype"] == "bfloat16"}
+        self.arrays = [a for a in ARRAYS if a in ("latent", "context") or a in desc["optional"]]
+        # the optional arrays are stored in the latent's dtype (format.ShardWriter.add)
+        self.bf16 = {a: desc["latent_dtype"] == "bfloat16" for a in ARRAYS} | {
+            "context": desc["context_dtype"] == "bfloat16"}
         self._strings: dict[tuple[int, int], tuple[str, str, dict]] = {}
         self._error: BaseException | None = None
         self._position = LoaderPosition(stream.epoch, stream.cursor, stream.seed, stream.dp_rank, stream.dp_size,

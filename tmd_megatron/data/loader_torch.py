@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .format import to_tensor
+from .format import OPTIONAL_ARRAYS, to_tensor
 from .stream import LoaderPosition, SampleStream, StreamSample
 
 
@@ -20,7 +20,7 @@ def stack_into(arrays: list[tuple], rows: int | None = None) -> torch.Tensor:
 
 
 def collate(items: list[StreamSample], text_len: int) -> dict:
-    """Stack latents (and noise), zero-pad each context to text_len (Wan's rule), keep strings as lists."""
+    """Stack latents (and noise, cond, clip), zero-pad each context to text_len (Wan's rule), keep strings as lists."""
     samples = [it.sample for it in items]
     for s in samples:
         n = s["arrays"]["context"][0].shape[0]
@@ -33,8 +33,9 @@ def collate(items: list[StreamSample], text_len: int) -> dict:
         "context_len": torch.tensor([s["arrays"]["context"][0].shape[0] for s in samples], dtype=torch.int64),
         "index": torch.tensor([it.index for it in items], dtype=torch.int64),
     }
-    if "noise" in samples[0]["arrays"]:
-        batch["noise"] = stack_into([s["arrays"]["noise"] for s in samples])
+    for name in OPTIONAL_ARRAYS:  # KD noise, I2V conditioning latent, CLIP image tokens
+        if name in samples[0]["arrays"]:
+            batch[name] = stack_into([s["arrays"][name] for s in samples])
     batch.update(prompt=[s["prompt"] for s in samples], key=[s["key"] for s in samples],
                  meta=[s["meta"] for s in samples])
     return batch

@@ -2,8 +2,13 @@
 
 Videos are read with PyAV, `num_frames` frames taken evenly over the clip (all of them when the clip has exactly
 that many, as Wan's own 81-frame outputs do), resized to cover (height, width) and centre-cropped, scaled to
-[-1, 1] and encoded by diffusers' AutoencoderKLWan; the posterior mean is normalised per channel with Wan's
-mean/std (WAN_SPEC §4). Prompts go through `PromptEncoder` (Wan's text rule). Work is split into shards of
+[-1, 1] and encoded by diffusers' AutoencoderKLWan (the Wan2.1 VAE's 16 channels or the Wan2.2 VAE's 48); the
+posterior mean is normalised per channel with the VAE's mean/std (WAN_SPEC §4). Prompts go through
+`PromptEncoder` (Wan's text rule). For image-to-video models (`i2v=True`) each sample also gets the conditioning
+latent, the VAE latent of its first frame followed by zero frames (Wan2.1 wan/image2video.py), and with an image
+encoder the CLIP tokens of that frame (`ClipImageEncoder`: diffusers' WanImageToVideoPipeline.encode_image, the
+penultimate hidden state of transformers' CLIPVisionModel). TI2V needs nothing extra: its condition is the
+latent's own first frame. Work is split into shards of
 `samples_per_shard` manifest entries; shard k belongs to rank k mod world_size, and a shard whose index exists is
 finished and skipped, so an interrupted run continues where it stopped.
 """
@@ -33,12 +38,14 @@ class PreprocessError(ValueError):
     pass
 
 
-def check_video_size(num_frames: int, height: int, width: int) -> None:
+def check_video_size(num_frames: int, height: int, width: int, spatial_stride: int = 8) -> None:
     problems = []
     if num_frames % 4 != 1:
         problems.append(f"num_frames={num_frames} must be 4n+1 (the Wan VAE keeps frame 0 and packs 4 per latent)")
-    if height % 16 or width % 16:
-        problems.append(f"height={height}, width={width} must be multiples of 16 (VAE stride 8 x DiT patch 2)")
+    multiple = 2 * spatial_stride
+    if height % multiple or width % multiple:
+        problems.append(f"height={height}, width={width} must be multiples of {multiple} (VAE stride "
+                        f"{spatial_stride} x DiT patch 2)")
     if problems:
         raise PreprocessError("; ".join(problems))
 
@@ -67,18 +74,35 @@ def read_video(path, num_frames: int, height: int, width: int) -> torch.Tensor:
     return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
+def read_image(path, height: int, width: int) -> torch.Tensor:
+    """[3, height, width] float32 in [-1, 1]: an image file (PNG, JPEG, ...; decoded by PyAV), resized to cover and
+    centre-cropped like a video frame."""
+    try:
+        return read_video(path, 1, height, width)[:, 0]
+    except PreprocessError as err:
+        raise PreprocessError(str(err).replace("video", "image")) from None
+
+
 class WanVAE:
-    """AutoencoderKLWan with Wan's latent normalisation: encode -> (mean - μ_c)/σ_c, decode inverts it."""
+    """AutoencoderKLWan with Wan's latent normalisation: encode -> (mean - μ_c)/σ_c, decode inverts it.
+
+    μ, σ: the VAE config's latents_mean/std (diffusers stores Wan2.1's and Wan2.2's there), else Wan2.1's."""
 
     def __init__(self, vae, device="cpu", dtype: torch.dtype = torch.float32):
-        if vae.config.z_dim != len(WAN_LATENT_MEAN):
-            raise PreprocessError(f"the VAE has z_dim={vae.config.z_dim}; Wan's normalisation is for 16 channels")
+        z = vae.config.z_dim
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or len(mean) != z or std is None or len(std) != z:
+            if z != len(WAN_LATENT_MEAN):
+                raise PreprocessError(f"the VAE has z_dim={z} but its config gives no latents_mean/latents_std of "
+                                      f"that length; Wan2.1's built-in normalisation is for 16 channels")
+            mean, std = WAN_LATENT_MEAN, WAN_LATENT_STD
         vae = vae.to(device).eval()
         if next(vae.parameters()).dtype != dtype:
             vae = vae.to(dtype)
         self.vae, self.device, self.dtype = vae, torch.device(device), dtype
-        self.mean = torch.tensor(WAN_LATENT_MEAN).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(WAN_LATENT_STD).view(1, -1, 1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.spatial_stride = int(getattr(vae.config, "scale_factor_spatial", None) or 8)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "WanVAE":
@@ -96,6 +120,34 @@ class WanVAE:
         z = latent_B_C_F_H_W.float() * self.std + self.mean
         return self.vae.decode(z.to(self.device, self.dtype)).sample.float().cpu()
 
+    def encode_first_frame(self, video_B_3_F_H_W: torch.Tensor) -> torch.Tensor:
+        """The I2V conditioning latent: the encoding of each video's first frame followed by zero frames."""
+        first = video_B_3_F_H_W[:, :, :1]
+        return self.encode(torch.cat([first, torch.zeros_like(video_B_3_F_H_W[:, :, 1:])], dim=2))
+
+
+class ClipImageEncoder:
+    """CLIP image tokens of a frame as Wan2.1 I2V reads them: transformers' CLIPVisionModel (ViT-H/14 for the
+    released models, 257 x 1280) with its CLIPImageProcessor, penultimate hidden state (diffusers'
+    WanImageToVideoPipeline.encode_image)."""
+
+    def __init__(self, processor, model, device="cpu", dtype: torch.dtype = torch.float32):
+        self.processor, self.model = processor, model.to(device, dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "ClipImageEncoder":
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        return cls(CLIPImageProcessor.from_pretrained(str(path)), CLIPVisionModel.from_pretrained(str(path)), **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, frames_B_3_H_W: torch.Tensor) -> torch.Tensor:
+        # back to the video's 8-bit pixels, which the processor resizes, crops and normalises like any image
+        pixels = ((frames_B_3_H_W.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        pixels = self.processor(images=list(pixels.cpu().numpy()), return_tensors="pt").pixel_values
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states[-2].float().cpu()
 
 def read_manifest(path) -> list[dict]:
     """JSON lines {"video": path (relative to the manifest's folder), "prompt": str, "key": optional str}."""
@@ -142,9 +194,13 @@ def my_shards(num_entries: int, samples_per_shard: int, rank: int, world_size: i
 def preprocess_videos(entries: list[dict], out_dir, vae: WanVAE, prompt_encoder: PromptEncoder, *,
                       num_frames: int, height: int, width: int, batch_size: int = 4, samples_per_shard: int = 256,
                       dtype: torch.dtype = torch.bfloat16, rank: int = 0, world_size: int = 1,
-                      on_error: str = "raise", progress: bool = True) -> dict:
-    """Write shards `shard-{k:06d}.tar` for this rank; returns {"written", "skipped_shards", "failed"}."""
-    check_video_size(num_frames, height, width)
+                      on_error: str = "raise", progress: bool = True, i2v: bool = False,
+                      image_encoder: ClipImageEncoder | None = None) -> dict:
+    """Write shards `shard-{k:06d}.tar` for this rank; returns {"written", "skipped_shards", "failed"}.
+    i2v: also the first frame's conditioning latent; image_encoder: also its CLIP tokens (Wan2.1 I2V)."""
+    check_video_size(num_frames, height, width, vae.spatial_stride)
+    if image_encoder is not None and not i2v:
+        raise PreprocessError("CLIP image tokens are for image-to-video data: add --i2v")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}; choose 'raise' or 'skip'")
     out_dir = Path(out_dir)
@@ -152,7 +208,7 @@ def preprocess_videos(entries: list[dict], out_dir, vae: WanVAE, prompt_encoder:
         claim_output(out_dir, {"kind": "videos", "entries": entries_digest(entries), "num_entries": len(entries),
                                "num_frames": num_frames, "height": height, "width": width,
                                "samples_per_shard": samples_per_shard, "dtype": str(dtype),
-                               "text_len": prompt_encoder.text_len})
+                               "text_len": prompt_encoder.text_len, "i2v": i2v, "clip": image_encoder is not None})
     shards = my_shards(len(entries), samples_per_shard, rank, world_size)
     todo = [k for k in shards if not index_path(out_dir / f"shard-{k:06d}.tar").exists()]
     stats = {"written": 0, "skipped_shards": len(shards) - len(todo), "failed": []}
@@ -172,12 +228,19 @@ def preprocess_videos(entries: list[dict], out_dir, vae: WanVAE, prompt_encoder:
                         log.warning("skipping entry %d: %s", i, err)
                         stats["failed"].append(i)
                 if batch:
-                    latents = vae.encode(torch.stack([v for _, v in batch]))
+                    videos = torch.stack([v for _, v in batch])
+                    latents = vae.encode(videos)
                     contexts = prompt_encoder([entries[i]["prompt"] for i, _ in batch])
-                    for (i, _), lat, ctx in zip(batch, latents, contexts):
+                    extra = {}
+                    if i2v:
+                        extra["cond"] = vae.encode_first_frame(videos)
+                    if image_encoder is not None:
+                        extra["clip"] = image_encoder(videos[:, :, 0])
+                    for j, ((i, _), lat, ctx) in enumerate(zip(batch, latents, contexts)):
                         e = entries[i]
                         writer.add(e.get("key", f"{i:09d}"), lat.to(dtype), ctx.to(dtype), e["prompt"],
-                                   {"source": "video", "video": Path(e["video"]).name, "entry": i})
+                                   {"source": "video", "video": Path(e["video"]).name, "entry": i},
+                                   **{k: v[j].to(dtype) for k, v in extra.items()})
                         stats["written"] += 1
                 bar.update(len(ids[start:start + batch_size]))
     bar.close()

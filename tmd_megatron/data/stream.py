@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .format import ShardError, ShardInfo, open_shard, read_sample, shard_paths
+from .format import OPTIONAL_ARRAYS, ShardError, ShardInfo, open_shard, read_sample, shard_paths
 
 log = logging.getLogger(__name__)
 ON_CORRUPT = ("raise", "skip")
@@ -81,19 +81,24 @@ class ShardSet:
 
     def _check_uniform(self) -> None:
         # A batch stacks latents and pads contexts: every sample must agree on these.
-        fields = ("latent_shape", "latent_dtype", "text_dim", "context_dtype")
+        fields = ("latent_shape", "latent_dtype", "text_dim", "context_dtype", "clip_shape")
         first_shard, first = self.shards[0].path.name, self.shards[0].samples[0]
-        has_noise = "noise.npy" in first["members"]
+
+        def optional(entry):
+            return tuple(a for a in OPTIONAL_ARRAYS if f"{a}.npy" in entry["members"])
+
         for shard in self.shards:
             for entry in shard.samples:
-                diff = [f for f in fields if entry[f] != first[f]]
-                if diff or ("noise.npy" in entry["members"]) != has_noise:
+                diff = [f for f in fields if entry.get(f) != first.get(f)]
+                if diff or optional(entry) != optional(first):
                     raise ShardError(
                         f"{shard.path.name}: sample {entry['key']!r} differs from {first_shard}'s first sample in "
-                        f"{diff or ['noise member']}; one dataset holds one latent shape, dtype and text width "
-                        f"(write different resolutions to separate datasets)"
+                        f"{diff or ['optional members ' + str(optional(entry))]}; one dataset holds one latent "
+                        "shape, dtype, text width and set of members (write different resolutions to separate "
+                        "datasets)"
                     )
-        self.describe = {f: first[f] for f in fields} | {"has_noise": has_noise}
+        self.describe = {f: first.get(f) for f in fields} | {"has_noise": "noise" in optional(first),
+                                                              "optional": optional(first)}
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -7,6 +7,10 @@ projection, so `decode_latent` inverts `encode_clip` exactly and a tiny Wan sees
 ([16, 3, 8, 8] by default: 48 tokens). The text encoder is a fixed embedding table over the task's vocabulary with
 an EOS row, like a T5 output trimmed to its true length. Everything derives from (seed, sample index) and
 SYNTHETIC_VERSION: change the generator's output only together with a version bump.
+
+Image-conditioned mode (I2V/TI2V, `image_condition`): the first frame is given, the motion is to be generated.
+Like Wan's I2V input, the conditioning latent is the encoding of the first frame followed by zero (mid-grey)
+frames; the "CLIP" tokens are fixed random projections of the frame pooled to 4 x 4 cells, one per token.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ VOCAB = ("<pad>", "</s>", "a", "moving", *sorted({w for words in ATTRIBUTES.valu
 LATENT_SCALE = 2.33
 _PROJECTION_SEED = 9_000 + SYNTHETIC_VERSION
 _TEXT_SEED = 7_000 + SYNTHETIC_VERSION
+_IMAGE_SEED = 5_000 + SYNTHETIC_VERSION
+IMAGE_CELLS = 4  # the image tokens read the first frame average-pooled to 4 x 4 cells
 
 
 @dataclass
@@ -65,7 +71,8 @@ def shape_mask(shape: str, dy: torch.Tensor, dx: torch.Tensor, r: float) -> torc
 class SyntheticTask:
     """Clips, prompts, latents and text embeddings of the synthetic task (see the module docstring)."""
 
-    def __init__(self, frames: int = 3, size: int = 16, text_dim: int = 32):
+    def __init__(self, frames: int = 3, size: int = 16, text_dim: int = 32, image_dim: int | None = None,
+                 image_len: int = 5):
         if size % 2 or size < 12:
             raise ValueError(f"size={size} must be even and at least 12 (a large shape spans 9 pixels)")
         if frames < 2:
@@ -79,6 +86,11 @@ class SyntheticTask:
         table[0] = 0  # <pad> is never emitted; kept zero like a padded T5 row
         self.text_table = table
         self.latent_shape = (16, frames, size // 2, size // 2)
+        self.image_dim, self.image_len = image_dim, image_len
+        if image_dim is not None:
+            g = torch.Generator().manual_seed(_IMAGE_SEED)
+            cells = 3 * IMAGE_CELLS * IMAGE_CELLS
+            self.image_projection = torch.randn(image_len, image_dim, cells, generator=g) / cells**0.5
 
     # ---- clips -------------------------------------------------------------------------------------------------
     def draw_labels(self, rng: np.random.Generator) -> dict[str, str]:
@@ -127,6 +139,20 @@ class SyntheticTask:
         x = x.reshape(-1, 3, 2, 2, f, h, w).permute(0, 1, 4, 5, 2, 6, 3)  # [N, 3, F, h, py, w, px]
         return x.reshape(*lead, 3, f, 2 * h, 2 * w) - 1
 
+    # ---- image conditioning ---------------------------------------------------------------------------------
+    def image_condition(self, frame: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The first frame(s) [..., 3, S, S] in [-1, 1] -> {"cond": the latent of (frame, then zero frames)
+        [..., 16, F, S/2, S/2], "clip": image tokens [..., image_len, image_dim] (when the task has image_dim)}."""
+        clip = torch.cat([frame.unsqueeze(-3), torch.zeros_like(frame).unsqueeze(-3).expand(
+            *frame.shape[:-2], self.frames - 1, *frame.shape[-2:])], dim=-3)
+        out = {"cond": self.encode_clip(clip)}
+        if self.image_dim is not None:
+            lead = frame.shape[:-3]
+            cells = torch.nn.functional.adaptive_avg_pool2d(frame.reshape(-1, 3, *frame.shape[-2:]), IMAGE_CELLS)
+            tokens = torch.tanh(torch.einsum("ndc,bc->bnd", self.image_projection, cells.flatten(1)))
+            out["clip"] = tokens.reshape(*lead, self.image_len, self.image_dim)
+        return out
+
     # ---- text ----------------------------------------------------------------------------------------------------
     def encode_text(self, prompt: str) -> torch.Tensor:
         """[words + 1, text_dim]: one table row per word, then EOS; "" gives the EOS row alone (negative prompt)."""
@@ -146,8 +172,9 @@ class SyntheticTask:
                 "label_ids": {k: ATTRIBUTES[k].index(v) for k, v in labels.items()}}
 
     def write_shards(self, out_dir, num_samples: int, seed: int, samples_per_shard: int = 256,
-                     dtype: torch.dtype = torch.float32, progress: bool = False) -> list[Path]:
-        """Shards `synthetic-{k:06d}.tar` of samples [k·S, (k+1)·S); finished shards are kept (resumable)."""
+                     dtype: torch.dtype = torch.float32, progress: bool = False, image: bool = False) -> list[Path]:
+        """Shards `synthetic-{k:06d}.tar` of samples [k·S, (k+1)·S); finished shards are kept (resumable).
+        image: also the first frame's conditioning latent and image tokens (`image_condition`)."""
         out_dir = Path(out_dir)
         paths = []
         num_shards = -(-num_samples // samples_per_shard)
@@ -159,6 +186,7 @@ class SyntheticTask:
             with ShardWriter(path) as w:
                 for i in range(k * samples_per_shard, min(num_samples, (k + 1) * samples_per_shard)):
                     s = self.sample(i, seed)
+                    cond = self.image_condition(s.clip[:, 0]) if image else {}
                     w.add(f"{i:09d}", self.encode_clip(s.clip).to(dtype), self.encode_text(s.prompt).to(dtype),
-                          s.prompt, self.meta(i, seed, s.labels))
+                          s.prompt, self.meta(i, seed, s.labels), **{k: v.to(dtype) for k, v in cond.items()})
         return paths

@@ -7,6 +7,10 @@ Both are separate calls: the finite-difference JVP re-runs only the flow head on
 trainer places the flow head on the last pipeline stage. The Wan code is used through its public parts only.
 Times are in [0, 1]; Wan's 1000·t units appear only here, at the model boundary.
 
+Image conditioning (models/wan/conditioning.py) enters the backbone like the teacher's input; the flow head's
+patch embedding reads y_s with the same mask and latent channels (I2V), and its output is 0 on a TI2V
+conditioning frame, like every velocity there.
+
 Decisions (docs/algorithms.md, "Ambiguities"), each with its alternative as a `StudentConfig` option:
 - head_time="outer" (default): the flow-head blocks are modulated by emb(t) + E_s(s) + E_Δ(s−r) with E_s,
   E_Δ new zero-initialised time embeddings. App. A.1 literally re-uses Wan's embedding for s
@@ -28,7 +32,8 @@ import torch
 from torch import nn
 
 from .wan import TokenGeometry, WanModel, timestep_sinusoid
-from .wan.block import fp32_region, modulate
+from .wan.block import fp32_region, modulate, modulation_chunks
+from .wan.conditioning import ImageCondition, model_call_inputs
 from .wan.layers import FP32LayerNorm
 
 FUSIONS = ("gated", "concat")
@@ -67,6 +72,7 @@ class BackboneFeatures:
     e_t: torch.Tensor  # time embedding of t [B, D] (fp32)
     x_t: torch.Tensor  # the backbone input (the x-target parametrisation, App. B.4, needs it)
     t: torch.Tensor  # [B] in [0, 1]
+    cond: ImageCondition | None = None
 
     def at_least_fp32(self) -> "BackboneFeatures":
         """The features with bf16/fp16 tensors (the embedded text under autocast) widened to fp32, for flow-head
@@ -112,7 +118,7 @@ class GatedFusion(nn.Module):
 
     def forward(self, m: torch.Tensor, p: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
         with fp32_region(m.device):
-            shift, scale, gate = (self.modulation + e0[:, 3:6]).unsqueeze(2).unbind(1)
+            shift, scale, gate = modulation_chunks(self.modulation, e0[..., 3:6, :])
         h = self.ffn(modulate(self.norm(p), shift, scale)) * gate
         return m + torch.sigmoid(self.gate_logit) * h
 
@@ -182,43 +188,50 @@ class DecoupledStudent(nn.Module):
 
     def flow_head_time(self, s: torch.Tensor, r: torch.Tensor, e_t: torch.Tensor):
         """(e, e0) conditioning the flow head's fusion, blocks and output head (App. A.1); e_t = emb(t)."""
-        delta = self._embed(s - r, self.delta_time_embedding)
+        per_token = (lambda v: v[:, None]) if e_t.ndim == 3 else (lambda v: v)  # e_t of per-token timesteps
+        delta = per_token(self._embed(s - r, self.delta_time_embedding))
         if self.config.head_time == "outer":
-            e = e_t + self._embed(s, self.inner_time_embedding) + delta
+            e = e_t + per_token(self._embed(s, self.inner_time_embedding)) + delta
         else:
             e = self._embed(s, self.wan.time_embedding) + delta
         with fp32_region(e.device):
-            e0 = self.wan.time_projection(e).unflatten(1, (6, self.wan.config.dim))
+            e0 = self.wan.time_projection(e).unflatten(-1, (6, self.wan.config.dim))
         return e, e0
 
     # ---- the two calls --------------------------------------------------------------------------------------
-    def backbone(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> BackboneFeatures:
+    def backbone(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 cond: ImageCondition | None = None) -> BackboneFeatures:
         """m_θ(x_t, t) (Eq. 12): embeddings and blocks[0 : L−H]; t ∈ [0, 1] as [B]."""
         wan = self.wan
-        tokens, geom = wan.embed_tokens(x_t)
-        e, e0 = wan.embed_time(1000.0 * t)
-        ctx = wan.embed_text(context)
+        x_in, timestep, image = model_call_inputs(wan.config, x_t, 1000.0 * t, cond)
+        tokens, geom = wan.embed_tokens(x_in)
+        e, e0 = wan.embed_time(timestep)
+        ctx = wan.embed_context(context, image)
         m, _ = wan.run_blocks(tokens, ctx, e0, geom, 0, self.split)
-        return BackboneFeatures(m=m, context=ctx, geom=geom, e_t=e, x_t=x_t, t=t)
+        return BackboneFeatures(m=m, context=ctx, geom=geom, e_t=e, x_t=x_t, t=t, cond=cond)
 
-    def patch_tokens(self, y_s: torch.Tensor) -> torch.Tensor:
-        """y_s through the shared patch embedding (App. A.1), sharded like the video tokens.
+    def patch_tokens(self, y_s: torch.Tensor, cond: ImageCondition | None = None) -> torch.Tensor:
+        """y_s through the shared patch embedding (App. A.1), sharded like the video tokens; an I2V model's
+        embedding also reads the mask and conditioning latent, as for x_t.
 
         Under pipeline parallelism the flow head lives on the last stage and `head_patch_embedding` is a copy
         of the first stage's patch embedding whose gradients are summed with the original's (tied weights).
         """
+        if cond is not None and cond.mode == "concat":
+            y_s = cond.model_input(y_s)
         conv = self.head_patch_embedding if self.head_patch_embedding is not None else self.wan.patch_embedding
         return self.wan.layout.split(conv(y_s).flatten(2).transpose(1, 2).contiguous())  # as WanModel.embed
 
     def fuse(self, y_s: torch.Tensor, e0: torch.Tensor, features: BackboneFeatures) -> torch.Tensor:
         """Patch-embed y_s with the shared patch embedding (App. A.1) and fuse it into m."""
-        return self.fusion(features.m, self.patch_tokens(y_s), e0)
+        return self.fusion(features.m, self.patch_tokens(y_s, features.cond), e0)
 
     def flow_head_given(self, y_s: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, features: BackboneFeatures):
         """The flow head for conditioning (e, e0) computed by `flow_head_time`: fusion, blocks, output head."""
         z = self.fuse(y_s, e0, features)
         z, _ = self.wan.run_blocks(z, features.context, e0, features.geom, self.split, self.wan.config.num_layers)
-        return self.wan.head_out(z, e, features.geom)
+        out = self.wan.head_out(z, e, features.geom)
+        return out if features.cond is None else features.cond.output(out)
 
     def flow_head(self, y_s: torch.Tensor, s: torch.Tensor, r: torch.Tensor, features: BackboneFeatures) -> torch.Tensor:
         """head_θ(y_s, s, r; m) [B, C, F, H, W]: fusion, blocks[L−H : L] and the output head (fp32)."""

@@ -3,10 +3,11 @@ layer definitions, independently of the counter (the tests compare the two; the 
 Keys: (op, group) -> (calls, bytes) on one rank.
 
 Symbols per microbatch: b samples, L tokens, S = cp*(tp if SP) shards, L_p = ceil(L/S)*S, L_c = L_p/cp (the
-chunk attention sees), L_s = L_p/S (the residual shard), D model dim, D_l = D/tp, T text length,
-P = out_dim*patch volume, e bytes per element of the compute dtype (4 in fp32, 2 under bf16 autocast) and
-f = max(e, 4) for what stays at least fp32 under autocast: Wan's residual stream (pipeline boundaries, merged
-hidden states), the fp32 head output, the time conditioning, q/k norm sums of squares, ring dK/dV accumulators.
+chunk attention sees), L_s = L_p/S (the residual shard), D model dim, D_l = D/tp, T text length, N CLIP image
+tokens (Wan2.1 I2V; 0 otherwise), P = out_dim*patch volume, e bytes per element of the compute dtype (4 in fp32,
+2 under bf16 autocast) and f = max(e, 4) for what stays at least fp32 under autocast: Wan's residual stream
+(pipeline boundaries, merged hidden states), the fp32 head output, the time conditioning, q/k norm sums of
+squares, ring dK/dV accumulators.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ class Tally:
 
 def pipeline_comm(
     cfg, latent, b, m, *, tp, cp, pp, pp_rank, blocks, sp, cp_comm, ac=False, hidden_block=None, x_grad=True,
-    e=4, backward=True,
+    e=4, backward=True, token_timesteps=False,
 ) -> dict:
-    """Forward (+ backward) of m microbatches through this rank's stage (run_pipeline + WanStage)."""
+    """Forward (+ backward) of m microbatches through this rank's stage (run_pipeline + WanStage).
+    token_timesteps: per-token timesteps, so e and e0 cross stage boundaries per token of the shard."""
     grid = tuple(n // p for n, p in zip(latent, cfg.patch_size))
     L = math.prod(grid)
     sp = sp and tp > 1
@@ -40,6 +42,7 @@ def pipeline_comm(
     Lp = -(-L // S) * S
     Lc, Ls = Lp // cp, Lp // S
     D, Dl, T = cfg.dim, cfg.dim // tp, cfg.text_len
+    N = cfg.image_len if cfg.image_dim is not None else 0
     P = cfg.out_dim * math.prod(cfg.patch_size)
     first, last = pp_rank == 0, pp_rank == pp - 1
     f = max(e, 4)
@@ -54,6 +57,7 @@ def pipeline_comm(
                 t.add("all_reduce", "tp", 3, b * Lc * D * e)
             t.add("all_reduce", "tp", 3, b * Lc * f)  # sum of squares: self q, self k, cross q
             t.add("all_reduce", "tp", 1, b * T * f)  # cross k on the text
+            t.add("all_reduce", "tp", 1 if N else 0, b * N * f)  # image k on the CLIP tokens
         if cp > 1:
             if cp_comm == "ring":  # k and v rotated cp-1 times
                 t.add("send", "cp", 2 * (cp - 1), b * Lc * Dl * e)
@@ -70,8 +74,10 @@ def pipeline_comm(
             else:  # input gradients of the column-parallel linears: tokens x3, text once (k and v share it)
                 t.add("all_reduce", "tp", 3, b * Lc * D * e)
                 t.add("all_reduce", "tp", 1, b * T * D * e)
+                t.add("all_reduce", "tp", 1 if N else 0, b * N * D * e)  # image tokens once (k_img, v_img)
             t.add("all_reduce", "tp", 3, b * Lc * f)
             t.add("all_reduce", "tp", 1, b * T * f)
+            t.add("all_reduce", "tp", 1 if N else 0, b * N * f)
         if cp > 1:
             if cp_comm == "ring":  # k, v rotated cp-1 times again; dk, dv (fp32 or wider) reach their owner in cp-1 hops
                 for n, size in ((2 * (cp - 1), e), (2 * (cp - 1), f)):
@@ -96,7 +102,8 @@ def pipeline_comm(
             if first and x_grad and backward:
                 t.add("all_reduce", group, 1, b * cfg.in_dim * math.prod(latent) * f)  # input gradient
         if pp > 1:
-            boundary = [b * Ls * D * f, b * T * D * e, b * D * f, b * 6 * D * f]  # residual, text, e, e0
+            per = b * Ls if token_timesteps else b
+            boundary = [b * Ls * D * f, b * (T + N) * D * e, per * D * f, per * 6 * D * f]  # residual, text+image, e, e0
             for nbytes in boundary:
                 if not last:
                     t.add("send", "pp", 1, nbytes)  # activations forward

@@ -20,7 +20,7 @@ from .stages import partition_blocks
 from .tensor import TorchParallelLayers
 from .topology import Topology
 
-FIRST_STAGE_MODULES = ("patch_embedding", "text_embedding", "time_embedding", "time_projection")
+FIRST_STAGE_MODULES = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "img_emb")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from tmd_megatron.algorithms.config import MODEL_SIZES, DMD2vConfig, KDConfig, TMMFConfig
 from tmd_megatron.models.student import StudentConfig
-from tmd_megatron.models.wan import WanConfig
+from tmd_megatron.models.wan import EXPERT_BOUNDARY, WanConfig
 
 METHODS = ("flow_matching", "kd", "tm_mf", "dmd2v", "tmd")
 
@@ -53,6 +53,10 @@ class ModelSection:
     backend: str = "torch"  # torch | te
     compute_dtype: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
     teacher_dtype: str = "fp32"  # frozen teacher weights: bf16 halves its memory on GPU
+    # Two-expert presets (Wan2.2 A14B): t at and above which the high-noise expert runs (None: the preset's, 0.875
+    # T2V / 0.9 I2V), and the expert the student starts from (docs/wan_family.md, "A14B student").
+    boundary: Optional[float] = None
+    student_expert: str = "high"  # high | low
 
 
 @dataclass
@@ -117,6 +121,8 @@ class DataSection:
     on_corrupt: str = "raise"  # raise | skip
     negative: str = "zeros"  # zeros | path to a .pt tensor [T, C] (the umT5 embedding of Table 8's prompt)
     latent: list = field(default_factory=lambda: [16, 3, 8, 8])  # C, F, H, W (for the planner)
+    # TI2V models: condition every sample on its first latent frame (I2V models always are; T2V never)
+    image_condition: bool = True
     synthetic: dict = field(default_factory=lambda: {"num_samples": 256, "seed": 0})
 
 
@@ -166,6 +172,7 @@ class Resolved:
     tm_mf: TMMFConfig | None
     dmd2v: DMD2vConfig | None
     kd: KDConfig | None
+    boundary: float | None  # two-expert (A14B) teacher and fake score: the switch point t; None for one model
     lr: float
     lr_fake: float
     lr_disc: float
@@ -215,6 +222,14 @@ def resolve(cfg: Any) -> Resolved:
     except (TypeError, ValueError) as err:
         raise RecipeError(f"model: {err}") from None
     preset, d = raw.model.preset, raw.distill
+    boundary = EXPERT_BOUNDARY.get(preset) if raw.model.boundary is None else raw.model.boundary
+    if raw.model.boundary is not None and preset not in EXPERT_BOUNDARY:
+        raise RecipeError(f"model.boundary is for two-expert presets {sorted(EXPERT_BOUNDARY)}; "
+                          f"{preset!r} is one model: remove model.boundary")
+    if boundary is not None and not 0.0 < boundary < 1.0:
+        raise RecipeError(f"model.boundary={boundary} must lie in (0, 1) (Wan2.2: 0.875 T2V, 0.9 I2V)")
+    if raw.model.student_expert not in ("high", "low"):
+        raise RecipeError(f"model.student_expert={raw.model.student_expert!r}; choose 'high' or 'low'")
     student = None
     if m.name in ("tm_mf", "tmd"):
         try:
@@ -240,7 +255,7 @@ def resolve(cfg: Any) -> Resolved:
         max_steps = dmd2v.max_iters if dmd2v is not None else paper
         if max_steps is None:
             raise RecipeError(f"run.max_steps is not set and method {m.name!r} has no paper default; set run.max_steps")
-    return Resolved(raw, wan, student, tm_mf, dmd2v, kd, lr, lr_fake, lr_disc, max_steps)
+    return Resolved(raw, wan, student, tm_mf, dmd2v, kd, boundary, lr, lr_fake, lr_disc, max_steps)
 
 
 def recipe_dir():

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from tmd_megatron.models.student import StudentConfig
 from tmd_megatron.models.wan import WanConfig, WanModel
-from tmd_megatron.models.wan.checkpoint import WanCheckpoint, atomic_replace_dir, save_wan
+from tmd_megatron.models.wan.checkpoint import WanCheckpoint
+from tmd_megatron.models.wan.saving import atomic_replace_dir, save_wan
 
 from .config import RecipeError
 
@@ -59,7 +60,7 @@ def read_student_export(path, wan_cfg: WanConfig, student_cfg: StudentConfig) ->
     if saved != student_cfg:
         raise RecipeError(f"the student export {path} was trained with {saved}, the recipe asks for {student_cfg}: "
                           "use the same distill.head_blocks and method.student settings as stage 1")
-    wan = WanCheckpoint(path / "wan")
+    wan = WanCheckpoint(path / "wan", WanModel)
     if wan.config != wan_cfg:
         raise RecipeError(f"the student export {path} holds a {wan.config} model, the recipe asks for {wan_cfg}")
     from .roles import Prefixed

@@ -3,9 +3,11 @@
 A pass runs a model (its stage on this rank) over all microbatches with the parallel engine: forward only,
 or forward and backward from output gradients on the last stage and/or stage-local losses. With one stage
 it is a plain loop, so every layout runs the same program. `WanStage` (tmd_megatron.parallel) runs a Wan
-model; `StudentStage` below runs the decoupled student, whose first stage also computes the flow head's
-time conditioning for every (s, r) the last stage will need, so the time embeddings live with the other
-embeddings and only activations cross stages.
+model (`ExpertStage` a two-expert one); `StudentStage` below runs the decoupled student, whose first stage also
+computes the flow head's time conditioning for every (s, r) the last stage will need, so the time embeddings live
+with the other embeddings and only activations cross stages. Image conditioning (one ImageCondition per
+microbatch, every rank holds them) turns x_t into the model's input on the first stage and replaces the
+prediction on a TI2V conditioning frame on the last (`ConditionedStage`), so input gradients are those of x_t.
 """
 from __future__ import annotations
 
@@ -15,20 +17,53 @@ import torch
 
 from tmd_megatron.algorithms.timesteps import wan_units
 from tmd_megatron.models.student import BackboneFeatures, DecoupledStudent
+from tmd_megatron.models.wan import WanExperts
+from tmd_megatron.models.wan.conditioning import model_call_inputs
 from tmd_megatron.parallel import Topology, WanStage, run_pipeline, transfer
 from tmd_megatron.parallel.pipeline import TensorSpec
+from tmd_megatron.parallel.stages import ExpertStage
+
+
+def token_timesteps(conds) -> bool:
+    return bool(conds) and conds[0] is not None and conds[0].mode == "first_frame"
+
+
+class ConditionedStage:
+    """A Wan stage function taking (x_t, Wan timesteps [B], context) on the first stage whatever the conditioning:
+    the microbatch's ImageCondition builds the model's input (and per-token timesteps, CLIP tokens) there, and
+    replaces the prediction on a TI2V conditioning frame on the last stage."""
+
+    def __init__(self, stage, conds, cfg, span):
+        self.stage, self.conds, self.cfg, self.span = stage, conds, cfg, span
+
+    def boundary(self, *args, **kwargs):
+        return self.stage.boundary(*args, **kwargs)
+
+    def __call__(self, mb: int, inputs: tuple):
+        cond = self.conds[mb]
+        if self.span.first:
+            x_t, t, ctx = inputs
+            x_in, timestep, image = model_call_inputs(self.cfg, x_t, t, cond)
+            inputs = (x_in, timestep, ctx) + ((image,) if image is not None else ())
+        outputs, loss = self.stage(mb, inputs)
+        if self.span.last and cond is not None:
+            outputs = (cond.output(outputs[0]),)
+        return outputs, loss
 
 
 class StudentStage:
     """Stage function of a (pipeline-pruned) DecoupledStudent.
 
     First-stage inputs per microbatch: (x_t, t, context, s_pts [b, K], r_pts [b, K]) with times in [0, 1].
-    Between stages: (tokens, text, e_t, e0_t, e_pts [b, K, D], e0_pts [b, K, 6, D]).
+    Between stages: (tokens, context, e_t, e0_t, e_pts [b, K, D], e0_pts [b, K, 6, D]) (per token of this rank's
+    shard after b for per-token timesteps). conds: the microbatches' image conditioning (or None).
     The last stage finishes the backbone and calls head_fn(mb, features, e_pts, e0_pts) -> (outputs, loss).
     """
 
     def __init__(self, student: DecoupledStudent, latent_shape: Sequence[int], num_points: int,
-                 head_fn: Callable, x_t_of: Callable, t_of: Callable):
+                 head_fn: Callable, x_t_of: Callable, t_of: Callable, conds=None):
+        self.conds = conds
+        self.per_token = token_timesteps(conds)
         self.student, self.wan = student, student.wan
         self.span = self.wan.stage
         cfg = self.wan.config
@@ -42,13 +77,14 @@ class StudentStage:
         cfg, b, k = self.wan.config, self.batch, self.k
         local = self.wan.layout.local_len(self.grid[0] * self.grid[1] * self.grid[2])
         cond = torch.promote_types(dtype, torch.float32)
+        tok = (local,) if self.per_token else ()
         return [
             TensorSpec((b, local, cfg.dim), dtype),
-            TensorSpec((b, cfg.text_len, cfg.dim), context_dtype or dtype),
-            TensorSpec((b, cfg.dim), cond),
-            TensorSpec((b, 6, cfg.dim), cond),
-            TensorSpec((b, k, cfg.dim), cond),
-            TensorSpec((b, k, 6, cfg.dim), cond),
+            TensorSpec((b, cfg.context_len, cfg.dim), context_dtype or dtype),
+            TensorSpec((b, *tok, cfg.dim), cond),
+            TensorSpec((b, *tok, 6, cfg.dim), cond),
+            TensorSpec((b, k, *tok, cfg.dim), cond),
+            TensorSpec((b, k, *tok, 6, cfg.dim), cond),
         ]
 
     def geometry(self, device):
@@ -58,11 +94,13 @@ class StudentStage:
 
     def __call__(self, mb: int, inputs: tuple):
         wan, span, student = self.wan, self.span, self.student
+        cond = self.conds[mb] if self.conds else None
         if span.first:
             x_t, t, ctx, s_pts, r_pts = inputs
-            tokens, geom = wan.embed_tokens(x_t)
-            e_t, e0_t = wan.embed_time(wan_units(t))
-            context = wan.embed_text(ctx)
+            x_in, timestep, image = model_call_inputs(wan.config, x_t, wan_units(t), cond)
+            tokens, geom = wan.embed_tokens(x_in)
+            e_t, e0_t = wan.embed_time(timestep)
+            context = wan.embed_context(ctx, image)
             pts = [student.flow_head_time(s_pts[:, i], r_pts[:, i], e_t) for i in range(self.k)]
             e_pts = torch.stack([e for e, _ in pts], 1)
             e0_pts = torch.stack([e0 for _, e0 in pts], 1)
@@ -74,7 +112,8 @@ class StudentStage:
             tokens, _ = wan.run_blocks(tokens, context, e0_t, geom, span.start, end)
         if not span.last:
             return (tokens, context, e_t, e0_t, e_pts, e0_pts), None
-        features = BackboneFeatures(m=tokens, context=context, geom=geom, e_t=e_t, x_t=self.x_t_of(mb), t=self.t_of(mb))
+        features = BackboneFeatures(m=tokens, context=context, geom=geom, e_t=e_t, x_t=self.x_t_of(mb), t=self.t_of(mb),
+                                    cond=cond)
         return self.head_fn(mb, features, e_pts, e0_pts)
 
 
@@ -101,14 +140,23 @@ class Passes:
             )
 
     def wan(self, model, inputs, latent_shape, *, capture=(), hidden_loss=None, forward_only=False,
-            output_grads=None, conditioning_grads=True):
-        """inputs: per microbatch (x, t ∈ [0, 1], context); the last stage gets the velocity per microbatch."""
-        stage = WanStage(model, latent_shape, capture, hidden_loss, conditioning_grads)
+            output_grads=None, conditioning_grads=True, conds=None):
+        """inputs: per microbatch (x_t, t ∈ [0, 1], context); conds: per microbatch image conditioning (or None).
+        The last stage gets the velocity per microbatch; a two-expert model runs each sample on its expert."""
+        kw = dict(conditioning_grads=conditioning_grads, token_timesteps=token_timesteps(conds))
+        if isinstance(model, WanExperts):
+            high = [model.route(wan_units(t)) for _, t, _ in inputs]  # the draws are known on every stage
+            stage = ExpertStage(model, latent_shape, high, capture, hidden_loss, **kw)
+            span = model.high.stage
+        else:
+            stage, span = WanStage(model, latent_shape, capture, hidden_loss, **kw), model.stage
+        if conds is not None and any(c is not None for c in conds):
+            stage = ConditionedStage(stage, conds, model.config, span)
         wan_inputs = [(x, wan_units(t), c) for x, t, c in inputs] if self.first else []
         return self.run(stage, wan_inputs, forward_only=forward_only, output_grads=output_grads)
 
-    def student(self, student, inputs, latent_shape, num_points, head_fn, x_t_of, t_of, **kw):
-        stage = StudentStage(student, latent_shape, num_points, head_fn, x_t_of, t_of)
+    def student(self, student, inputs, latent_shape, num_points, head_fn, x_t_of, t_of, conds=None, **kw):
+        stage = StudentStage(student, latent_shape, num_points, head_fn, x_t_of, t_of, conds)
         return self.run(stage, inputs, **kw)
 
     def last_to_first(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:

@@ -40,6 +40,12 @@ BLOCK_SAVED_BYTES = {
 # (fitted on tp 2 and 4 with saved-tensor hooks; tests/training/test_plan.py re-measures). Under bf16 the TP
 # input region casts once before its gather/copy, so q, k and v save one bf16 copy of their input, not three.
 TP_UNSPLIT_BYTES = {(True, "fp32"): 25.2, (True, "bf16"): 18.2, (False, "fp32"): 46.2, (False, "bf16"): 37.2}
+# Wan2.1 I2V: the CLIP tokens' k/v count like text rows (the T·D term with T = text + image tokens), and the
+# second attention output adds bytes per L·D (fitted like the above, re-measured in test_plan.py).
+IMAGE_BRANCH_BYTES = {"fp32": 8.0, "bf16": 6.0}
+# Per-token timesteps (TI2V): the modulation's scale/gate terms are [L, D] fp32 instead of [1, D]: 32 bytes per
+# token x dim of the residual shard in each block, and e/e0 per token once per microbatch (same count).
+PER_TOKEN_MODULATION_BYTES = 32.0
 
 
 @dataclass(frozen=True)
@@ -107,13 +113,24 @@ def ring_attention_workspace(batch: int, tokens: int, channels: int, elem_bytes:
 
 
 # ---- activations ------------------------------------------------------------------------------------------
-def block_saved_bytes(cfg: WanConfig, tokens: int, dtype: str, tp: int, sequence_parallel: bool = True) -> float:
-    """Saved-for-backward bytes of one block for one sample whose TP group holds `tokens` tokens."""
+def block_saved_bytes(cfg: WanConfig, tokens: int, dtype: str, tp: int, sequence_parallel: bool = True,
+                      per_token: bool = False) -> float:
+    """Saved-for-backward bytes of one block for one sample whose TP group holds `tokens` tokens
+    (per_token: timesteps per token, Wan2.2 TI2V)."""
     a, b, c, e, w1, w2 = BLOCK_SAVED_BYTES[dtype]
-    d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
+    d, f, t = cfg.dim, cfg.ffn_dim, cfg.context_len
+    if cfg.image_dim is not None:
+        a += IMAGE_BRANCH_BYTES[dtype]
     split = (a * tokens * d + b * tokens * f + c * t * d) / tp + e * tokens + (w1 * d * d + w2 * d * f) / tp
+    shard = tokens / tp if sequence_parallel and tp > 1 else tokens  # the residual stream's tokens on this rank
+    if per_token:
+        split += PER_TOKEN_MODULATION_BYTES * shard * d
     # What TP does not split: the gathered sublayer inputs under SP, the whole replicated stream without it.
     return split + TP_UNSPLIT_BYTES[sequence_parallel, dtype] * tokens * d * (1 - 1 / tp)
+
+
+def per_token_timesteps(res) -> bool:
+    return res.wan.model_type == "ti2v" and res.raw.data.image_condition
 
 
 def _tokens(cfg: WanConfig, latent) -> int:
@@ -154,8 +171,9 @@ def check(cfg: WanConfig, lay: Layout, work: Workload, device_memory_gib: float 
         p.append(f"global_batch={work.global_batch} is not dp*micro_batch*microbatches = {dp}*{lay.micro_batch}*"
                  f"{lay.microbatches}: make global_batch a multiple of {dp * lay.micro_batch * lay.microbatches}")
     c, f, h, w = work.latent
-    if c != cfg.in_dim:
-        p.append(f"latent has {c} channels but the model takes in_dim={cfg.in_dim}: fix data.latent or the model")
+    if c != cfg.out_dim:
+        p.append(f"latent has {c} channels but the model takes in_dim={cfg.in_dim} (latents of out_dim={cfg.out_dim} "
+                 "channels): fix data.latent or the model")
     if any(n % s for n, s in zip((f, h, w), cfg.patch_size)):
         p.append(f"latent (F,H,W)=({f},{h},{w}) is not divisible by patch_size {cfg.patch_size}: crop or pad the latent")
     tokens = _tokens(cfg, work.latent)
@@ -287,13 +305,16 @@ def _activation_bytes(res, lay: Layout, span, last: bool, stage: int) -> float:
     tokens = math.ceil(_tokens(cfg, tuple(res.raw.data.latent)) / lay.cp)
     sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
     dtype = res.raw.model.compute_dtype
-    per_block = block_saved_bytes(cfg, tokens, dtype, lay.tp, lay.sequence_parallel) * lay.micro_batch
+    per_token = per_token_timesteps(res)
+    per_block = block_saved_bytes(cfg, tokens, dtype, lay.tp, lay.sequence_parallel, per_token) * lay.micro_batch
     in_flight = min(lay.pp - stage, lay.microbatches) if res.raw.parallel.schedule == "1f1b" else lay.microbatches
     blocks = _graph_blocks(res, span, last)
+    # e and e0 per token of the shard, held once per microbatch graph (TI2V)
+    conditioning = PER_TOKEN_MODULATION_BYTES * lay.micro_batch * tokens * cfg.dim / sp if per_token else 0.0
     if lay.activation_checkpointing:
         kept = lay.micro_batch * tokens * cfg.dim * 4 / sp  # the fp32 residual entering each block
-        return in_flight * blocks * kept + per_block
-    return in_flight * blocks * per_block
+        return in_flight * (blocks * kept + conditioning) + per_block
+    return in_flight * (blocks * per_block + conditioning)
 
 
 def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan:
@@ -367,7 +388,7 @@ def _comm_rows(res, lay: Layout, count: dict) -> list[tuple[str, float]]:
 
     blocks = range(*stage_ranges(res, lay.pp)[0])
     common = dict(tp=lay.tp, cp=lay.cp, pp=lay.pp, pp_rank=0, blocks=blocks, sp=lay.sequence_parallel,
-                  cp_comm=lay.cp_mode, ac=lay.activation_checkpointing, e=e)
+                  cp_comm=lay.cp_mode, ac=lay.activation_checkpointing, e=e, token_timesteps=per_token_timesteps(res))
     latent = tuple(res.raw.data.latent)[1:]
     fwd = pipeline_comm(cfg, latent, b, m, backward=False, **common)
     fwd_bwd = pipeline_comm(cfg, latent, b, m, **common)

@@ -10,6 +10,10 @@ score and the teacher (with CFG, and with the GAN heads on its features) give th
 with respect to x̂; a second student pass recomputes x̂ with a graph and back-propagates that gradient
 (whole-model recomputation: one extra student forward on generator iterations, no graphs held across passes).
 The critics then train on the same x̂ (detached), as in DMD2.
+
+Image conditioning (Micro.cond, models/wan/conditioning.py) goes with every model pass of its microbatch; CFG
+and condition dropout replace the text only; noise is pinned on a TI2V conditioning frame as in the
+single-device steps (algorithms.common.pinned_noise).
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ from dataclasses import dataclass, field
 import torch
 
 from tmd_megatron.algorithms import dmd2v as D
-from tmd_megatron.algorithms.common import SampleRNG, randn_like
+from tmd_megatron.algorithms.common import SampleRNG, pinned_noise, randn_like
 from tmd_megatron.algorithms.guidance import cfg_combine, drop_condition, match_contexts
 from tmd_megatron.algorithms.jvp import exact_total_derivative, fd_difference, fd_precision, fd_steps
 from tmd_megatron.algorithms.kd import kd_regression_loss
 from tmd_megatron.algorithms.timesteps import per_sample, sample_grid_times, sample_mf_times, sample_shifted, student_grid
 from tmd_megatron.algorithms.tm_mf import adaptive_loss, meanflow_target, mf_guided_velocity
 from tmd_megatron.algorithms.transition import (
-    average_velocity, conditional_velocity, inner_flow, inner_target, interpolate, rollout_output, x0_from_velocity,
+    average_velocity, conditional_velocity, inner_flow, inner_noise, inner_target, interpolate, rollout_output,
+    x0_from_velocity,
 )
 
 from .config import RecipeError, Resolved
@@ -42,6 +47,7 @@ class Micro:
     ctx: torch.Tensor
     index: torch.Tensor
     noise: torch.Tensor | None = None  # KD pairs: the noise whose teacher ODE endpoint is x
+    cond: object = None  # ImageCondition of the microbatch (I2V / TI2V), or None for text only
 
 
 @dataclass
@@ -65,6 +71,10 @@ class Step:
         """Accumulate a metric contribution (already divided by the number of microbatches)."""
         self.metrics[name] = self.metrics.get(name, 0.0) + float(value)
 
+    @property
+    def conds(self) -> list:
+        return [mc.cond for mc in self.micro]
+
     def shape(self, factor: int = 1) -> tuple[int, ...]:
         x = self.micro[0].x
         return (x.shape[0] * factor, *x.shape[1:])
@@ -82,7 +92,7 @@ def flow_matching_step(s: Step) -> None:
     for mb, micro in enumerate(s.micro):
         gen = s.rng("flow_matching", mb)
         t = sample_shifted(micro.x.shape[0], gamma, gen, 0.001, 0.999)
-        x1 = randn_like(micro.x, gen)
+        x1 = pinned_noise(micro.x, gen, micro.cond)
         context, _ = drop_condition(micro.ctx, s.negative, p_drop, gen)
         dev = s.roles.topo.device
         inputs.append((interpolate(micro.x, x1.to(dev), t), t.to(dev), context))
@@ -94,7 +104,7 @@ def flow_matching_step(s: Step) -> None:
         s.add("flow_matching_loss", loss.detach())
         return torch.autograd.grad(loss, v)
 
-    s.passes.wan(s.roles.student, inputs, s.shape(), output_grads=grads)
+    s.passes.wan(s.roles.student, inputs, s.shape(), output_grads=grads, conds=s.conds)
 
 
 # ---- stage 1: TM-MF --------------------------------------------------------------------------------------
@@ -110,11 +120,11 @@ def tm_mf_step(s: Step) -> None:
     for mb, micro in enumerate(s.micro):
         gen, x, b = s.rng("tm_mf", mb), micro.x, micro.x.shape[0]
         t = sample_grid_times(b, outer, gen)
-        x1 = randn_like(x, gen)
+        x1 = pinned_noise(x, gen, micro.cond)
         x_t = interpolate(x, x1, t)
         context, keep = drop_condition(micro.ctx, s.negative, cfg.cond_dropout, gen)
         y = inner_target(x, x1, target)
-        y1 = randn_like(y, gen)
+        y1 = pinned_noise(y, gen, micro.cond)
         s_, r = sample_mf_times(b, inner, gen, cfg.s_shift, cfg.r_equals_s, cfg.s_min, cfg.s_max)
         h_plus, h_minus = fd_steps(s_, r, cfg.fd_delta)
         _, negative = match_contexts(micro.ctx, s.negative)
@@ -139,10 +149,11 @@ def tm_mf_step(s: Step) -> None:
                 return (uncond[mb],), None
 
             inputs = [(q["x_t"], q["t"], q["negative"], q["s"][:, None], q["s"][:, None]) for q in d]
-            s.passes.student(student, inputs, s.shape(), 1, head_uncond, x_t_of, t_of, forward_only=True)
+            s.passes.student(student, inputs, s.shape(), 1, head_uncond, x_t_of, t_of, conds=s.conds,
+                             forward_only=True)
         else:
             res = s.passes.wan(s.roles.teacher, [(q["x_t"], q["t"], q["negative"]) for q in d], s.shape(),
-                               forward_only=True)
+                               forward_only=True, conds=s.conds)
             uncond = {mb: out[0] for mb, out in enumerate(res.outputs)}
         if s.passes.last:
             for mb, q in enumerate(d):
@@ -172,7 +183,7 @@ def tm_mf_step(s: Step) -> None:
 
     inputs = [(q["x_t"], q["t"], q["context"], torch.stack([q["s"], q["s"] + q["h_plus"], q["s"] - q["h_minus"]], 1),
                q["r"][:, None].expand(-1, 3)) for q in d]
-    s.passes.student(student, inputs, s.shape(), 3, head_main, x_t_of, t_of)
+    s.passes.student(student, inputs, s.shape(), 3, head_main, x_t_of, t_of, conds=s.conds)
 
 
 # ---- stage 2: DMD2-v and TMD -------------------------------------------------------------------------------
@@ -181,14 +192,15 @@ def _stage2_draws(s: Step) -> list[dict]:
     cfg, out = s.res.dmd2v, []
     decoupled = s.res.student is not None
     for mb, micro in enumerate(s.micro):
-        gen, x = s.rng("dmd", mb), micro.x
-        inp = D.sample_student_input(x, cfg, gen)
+        gen, x, cond = s.rng("dmd", mb), micro.x, micro.cond
+        inp = D.sample_student_input(x, cfg, gen, cond)
         q = dict(x_t=inp.x_t, t=inp.t, x1=inp.x1)
-        q["y1"] = randn_like(inp.x_t, gen) if decoupled else None
-        q["t_v"], q["eps_v"] = D.sample_noising(x, cfg, gen)
-        q["t_f"], q["eps_f"] = D.sample_noising(x, cfg, gen)
-        q["t_d"], q["eps_d"] = D.sample_noising(x, cfg, gen)
-        q["t_r"], q["eps_r"] = (q["t_d"], q["eps_d"]) if cfg.gan_same_noise else D.sample_noising(x, cfg, gen)
+        q["y1"] = inner_noise(randn_like(inp.x_t, gen), cond, s.res.student.target) if decoupled else None
+        # x̂ and x agree on a TI2V conditioning frame, so noise pinned to x is pinned to x̂ too
+        q["t_v"], q["eps_v"] = D.sample_noising(x, cfg, gen, cond)
+        q["t_f"], q["eps_f"] = D.sample_noising(x, cfg, gen, cond)
+        q["t_d"], q["eps_d"] = D.sample_noising(x, cfg, gen, cond)
+        q["t_r"], q["eps_r"] = (q["t_d"], q["eps_d"]) if cfg.gan_same_noise else D.sample_noising(x, cfg, gen, cond)
         _, q["negative"] = match_contexts(micro.ctx, s.negative)
         out.append({k: (v.to(s.roles.topo.device) if torch.is_tensor(v) else v) for k, v in q.items()})
     return out
@@ -200,7 +212,7 @@ def _student_pass(s: Step, d: list[dict], forward_only: bool, output_grads=None)
     samples = {}
     if s.res.student is None:  # plain Wan student: x̂ = x_t − t·v
         res = s.passes.wan(student, [(q["x_t"], q["t"], mc.ctx) for q, mc in zip(d, s.micro)], s.shape(),
-                           forward_only=forward_only, output_grads=output_grads)
+                           forward_only=forward_only, output_grads=output_grads, conds=s.conds)
         for mb, out in enumerate(res.outputs):
             samples[mb] = x0_from_velocity(d[mb]["x_t"].to(dev), d[mb]["t"], out[0])
         return samples
@@ -219,7 +231,8 @@ def _student_pass(s: Step, d: list[dict], forward_only: bool, output_grads=None)
     b = s.shape()[0]
     inputs = [(q["x_t"], q["t"], mc.ctx, s_pts.expand(b, -1), r_pts.expand(b, -1)) for q, mc in zip(d, s.micro)]
     s.passes.student(student, inputs, s.shape(), cfg.inner_steps, rollout, lambda mb: d[mb]["x_t"].to(dev),
-                     lambda mb: d[mb]["t"].to(dev), forward_only=forward_only, output_grads=output_grads)
+                     lambda mb: d[mb]["t"].to(dev), conds=s.conds, forward_only=forward_only,
+                     output_grads=output_grads)
     return samples
 
 
@@ -248,11 +261,11 @@ def stage2_step(s: Step, generator: bool) -> None:
         noisy = {mb: interpolate(x_hat[mb], d[mb]["eps_v"].to(dev), d[mb]["t_v"]) for mb in x_hat}
         first = _to_first(s, noisy)
         v_fake = s.passes.wan(roles.fake, [(first[mb], q["t_v"], ctx[mb]) for mb, q in enumerate(d)], s.shape(),
-                              forward_only=True).outputs
+                              forward_only=True, conds=s.conds).outputs
         v_unc = None
-        if cfg.cfg_scale != 1.0:
+        if cfg.cfg_scale != 1.0:  # CFG drops the text only (Wan's I2V sampler keeps the image)
             v_unc = s.passes.wan(roles.teacher, [(first[mb], q["t_v"], q["negative"]) for mb, q in enumerate(d)],
-                                 s.shape(), forward_only=True).outputs
+                                 s.shape(), forward_only=True, conds=s.conds).outputs
         gan_inputs = [(first[mb].detach().requires_grad_(use_gan), q["t_v"], ctx[mb]) for mb, q in enumerate(d)]
 
         def gan_loss(mb, hidden, geom):
@@ -265,7 +278,7 @@ def stage2_step(s: Step, generator: bool) -> None:
             roles.disc.requires_grad_(False)  # the generator's GAN loss trains the student only
         res = s.passes.wan(roles.teacher, gan_inputs, s.shape(), capture=roles.disc_layers if use_gan else (),
                            hidden_loss=gan_loss if has_heads else None, forward_only=not use_gan,
-                           conditioning_grads=False)
+                           conditioning_grads=False, conds=s.conds)
         if roles.disc is not None:
             roles.disc.requires_grad_(True)
         v_cond = res.outputs
@@ -311,7 +324,7 @@ def stage2_step(s: Step, generator: bool) -> None:
         return torch.autograd.grad(loss, outputs[0])
 
     s.passes.wan(roles.fake, [(first_f[mb], q["t_f"], ctx[mb]) for mb, q in enumerate(d)], s.shape(),
-                 output_grads=dsm_grads)
+                 output_grads=dsm_grads, conds=s.conds)
 
     if use_gan:
         noisy_d = {mb: interpolate(x_hat[mb], d[mb]["eps_d"].to(dev), d[mb]["t_d"]) for mb in x_hat}
@@ -329,8 +342,9 @@ def stage2_step(s: Step, generator: bool) -> None:
             s.add("discriminator_loss", part.detach())
             return part.detach()
 
+        conds = [None if c is None else c.repeat(2) for c in s.conds]  # [fake; real] of the same samples
         s.passes.wan(roles.teacher, inputs, s.shape(2), capture=roles.disc_layers,
-                     hidden_loss=disc_loss if roles.disc is not None else None, forward_only=True)
+                     hidden_loss=disc_loss if roles.disc is not None else None, forward_only=True, conds=conds)
 
 
 # ---- KD warm-up -----------------------------------------------------------------------------------------------
@@ -350,4 +364,4 @@ def kd_step(s: Step) -> None:
         s.add("kd_loss", loss.detach())
         return torch.autograd.grad(loss, v)
 
-    s.passes.wan(s.roles.student, inputs, s.shape(), output_grads=grads)
+    s.passes.wan(s.roles.student, inputs, s.shape(), output_grads=grads, conds=s.conds)

@@ -6,6 +6,10 @@ balances cost with the TMD flow-head blocks counted N times and keeps the whole 
 the patch embedding (the flow head embeds y_s with it), tied to the first stage's by summing gradients.
 Every role is built from full (single-device) state dicts that are read lazily and sliced per rank, and
 every freshly initialised tensor is drawn on one device from the run seed, so all layouts start equal.
+
+Two-expert (Wan2.2 A14B) presets: the teacher and the fake score are WanExperts (both experts resident, each
+sample on the expert its timestep selects); the student starts from one expert, model.student_expert (high by
+default: every outer time of the paper's student grids lies above the boundary; docs/wan_family.md).
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from torch import nn
 
 from tmd_megatron.models.discriminator import Discriminator
 from tmd_megatron.models.student import DecoupledStudent
-from tmd_megatron.models.wan import WanConfig, WanModel
-from tmd_megatron.models.wan.checkpoint import WanCheckpoint
+from tmd_megatron.models.wan import WanConfig, WanExperts, WanModel
+from tmd_megatron.models.wan.checkpoint import WanCheckpoint, expert_dirs
 from tmd_megatron.parallel import Topology, build_stage_model, partition_blocks, student_block_costs
 from tmd_megatron.parallel.sharding import load_full_state
 
@@ -86,12 +90,23 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 @dataclass
+class ExpertStates:
+    """The full weights of the two experts of an A14B model, each a lazy mapping of Wan keys."""
+
+    high: Mapping
+    low: Mapping
+
+    def expert(self, name: str) -> Mapping:
+        return self.high if name == "high" else self.low
+
+
+@dataclass
 class Roles:
     topo: Topology
     ranges: list[tuple[int, int]]
     student: nn.Module  # WanModel stage, or DecoupledStudent around one
-    teacher: WanModel | None
-    fake: WanModel | None
+    teacher: WanModel | WanExperts | None
+    fake: WanModel | WanExperts | None
     disc: Discriminator | None  # heads for the discriminator layers on this stage
     disc_layers: tuple[int, ...]  # all of them (the GAN losses average over every head)
 
@@ -105,19 +120,31 @@ class Roles:
 
 
 def teacher_state(res: Resolved):
-    """The teacher's full weights as a lazy mapping, and its config (which must match the recipe's model)."""
+    """The teacher's full weights as a lazy mapping (ExpertStates for a two-expert preset); its config must match
+    the recipe's model."""
     path = res.raw.model.teacher
     if path is None:
         return None
     if str(path).startswith("random:"):  # smoke runs: a seeded random teacher made on the spot
-        return fresh_wan_state(res.wan, int(str(path).split(":", 1)[1]), zero_head=False)
-    ckpt = WanCheckpoint(path)
-    if ckpt.config != res.wan:
-        diff = {f: (getattr(ckpt.config, f), getattr(res.wan, f)) for f in ckpt.config.__dataclass_fields__
-                if getattr(ckpt.config, f) != getattr(res.wan, f)}
-        raise RecipeError(f"the teacher checkpoint {path} does not match model.preset={res.raw.model.preset!r}: "
-                          f"{diff} (checkpoint, recipe); fix model.preset/model.overrides or model.teacher")
-    return ckpt
+        seed = int(str(path).split(":", 1)[1])
+        if res.boundary is not None:
+            return ExpertStates(fresh_wan_state(res.wan, seed, zero_head=False),
+                                fresh_wan_state(res.wan, seed + 1, zero_head=False))
+        return fresh_wan_state(res.wan, seed, zero_head=False)
+    two = expert_dirs(path) is not None
+    if two != (res.boundary is not None):
+        want = "a two-expert (A14B) preset" if two else "a single-model preset"
+        raise RecipeError(f"the teacher checkpoint {path} holds {'two experts' if two else 'one model'}: use {want} "
+                          f"for model.preset (now {res.raw.model.preset!r})")
+    ckpts = [WanCheckpoint(path, WanModel, expert=e) for e in ("high", "low")] if two else [WanCheckpoint(path, WanModel)]
+    for ckpt in ckpts:
+        if ckpt.config != res.wan:
+            diff = {f: (getattr(ckpt.config, f), getattr(res.wan, f)) for f in ckpt.config.__dataclass_fields__
+                    if getattr(ckpt.config, f) != getattr(res.wan, f)}
+            raise RecipeError(f"the teacher checkpoint {ckpt.dir} does not match model.preset="
+                              f"{res.raw.model.preset!r}: {diff} (checkpoint, recipe); fix model.preset/"
+                              "model.overrides or model.teacher")
+    return ExpertStates(*ckpts) if two else ckpts[0]
 
 
 def fresh_wan_state(cfg: WanConfig, seed: int, zero_head: bool = True) -> dict[str, torch.Tensor]:
@@ -150,7 +177,7 @@ def read_student_init(path, res: Resolved) -> Mapping:
 
     if res.student is not None:
         return read_student_export(path, res.wan, res.student)
-    return WanCheckpoint(path)
+    return WanCheckpoint(path, WanModel)
 
 
 def _backend(res: Resolved, full: Mapping | None) -> str:
@@ -159,8 +186,17 @@ def _backend(res: Resolved, full: Mapping | None) -> str:
     return res.raw.model.backend if full is not None else "torch"
 
 
-def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping | None, frozen_dtype=None):
-    """A Wan stage filled from `full`; full=None leaves it on the meta device (shapes only, for the planner)."""
+def _build_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full, frozen_dtype=None):
+    """A Wan stage filled from `full`; full=None leaves it on the meta device (shapes only, for the planner).
+    For a two-expert preset (full: ExpertStates, or None) both experts as one WanExperts."""
+    if res.boundary is not None:
+        high, low = (_build_one_wan(cfg, topo, res, ranges, None if full is None else full.expert(e), frozen_dtype)
+                     for e in ("high", "low"))
+        return WanExperts(high, low, res.boundary)
+    return _build_one_wan(cfg, topo, res, ranges, full, frozen_dtype)
+
+
+def _build_one_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: Mapping | None, frozen_dtype=None):
     p = res.raw.parallel
     model = build_stage_model(cfg, topo, sequence_parallel=p.sequence_parallel, cp_comm=p.cp_comm,
                               attention=p.attention, backend=_backend(res, full), stage_ranges=ranges)
@@ -212,9 +248,12 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
         teacher_full = teacher_state(res)
     if method != "flow_matching" and teacher_full is None:
         raise RecipeError(f"method {method!r} needs a teacher: set model.teacher=<Wan checkpoint dir>")
+    init_expert = teacher_full
+    if isinstance(teacher_full, ExpertStates):  # A14B: the student starts from one expert
+        init_expert = teacher_full.expert(res.raw.model.student_expert)
     if student_full is None and res.raw.model.init == "teacher":  # smoke runs: skip stage 1
-        student_full = teacher_full if res.student is None else Prefixed(
-            teacher_full, "wan.", student_extras(res.wan, res.student, seed))
+        student_full = init_expert if res.student is None else Prefixed(
+            init_expert, "wan.", student_extras(res.wan, res.student, seed))
     elif student_full is None and res.raw.model.init is not None:
         student_full = read_student_init(res.raw.model.init, res)
     if method == "tmd" and student_full is None:
@@ -226,12 +265,12 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
 
     if res.student is not None:
         if student_full is None:  # stage 1 starts from the teacher plus fresh extras
-            student_full = Prefixed(teacher_full, "wan.", student_extras(res.wan, res.student, seed))
+            student_full = Prefixed(init_expert, "wan.", student_extras(res.wan, res.student, seed))
         student = _build_student(res, topo, ranges, student_full)
     else:
         source = student_full if student_full is not None else (
-            teacher_full if method != "flow_matching" else fresh_wan_state(res.wan, seed))
-        student = _build_wan(res.wan, topo, res, ranges, source)
+            init_expert if method != "flow_matching" else fresh_wan_state(res.wan, seed))
+        student = _build_one_wan(res.wan, topo, res, ranges, source)
 
     fake = disc = None
     layers: tuple[int, ...] = ()
@@ -259,7 +298,7 @@ def meta_roles(res: Resolved, topo: Topology) -> dict[str, nn.Module]:
     ranges = stage_ranges(res, topo.pp.size)
     out = {"teacher": _build_wan(res.wan, topo, res, ranges, None)} if res.method != "flow_matching" else {}
     out["student"] = (_build_student(res, topo, ranges, None) if res.student is not None
-                      else _build_wan(res.wan, topo, res, ranges, None))
+                      else _build_one_wan(res.wan, topo, res, ranges, None))
     if res.method in ("dmd2v", "tmd"):
         out["fake"] = _build_wan(res.wan, topo, res, ranges, None)
         cfg = res.dmd2v

@@ -29,9 +29,10 @@ class SamplerConfig:
 
 @torch.no_grad()
 def sample(kind: str, model, contexts: torch.Tensor, negative: torch.Tensor, latent_shape, cfg: SamplerConfig,
-           seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Latents [B, *latent_shape] for the prompt embeddings `contexts` [B, T, C], and the measured effective NFE
-    (DiT block evaluations per sample divided by the number of blocks; CFG counts both passes)."""
+           seed: int = 0, cond=None) -> tuple[torch.Tensor, float]:
+    """Latents [B, *latent_shape] for the prompt embeddings `contexts` [B, T, C] (and the image conditioning
+    `cond` of an I2V / TI2V model), and the measured effective NFE (DiT block evaluations per sample divided by
+    the number of blocks; CFG counts both passes). A two-expert teacher switches experts by t."""
     if kind not in SAMPLERS:
         raise ValueError(f"sampler {kind!r}; choose one of {SAMPLERS}")
     gen = torch.Generator().manual_seed(seed)  # CPU draws (same on every rank and device), moved to the model
@@ -41,13 +42,13 @@ def sample(kind: str, model, contexts: torch.Tensor, negative: torch.Tensor, lat
     with BlockCounter(wan) as counter:
         if kind == "tmd":
             x = tmd_sample(model, noise, contexts, student_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max),
-                           student_grid(cfg.inner_steps, cfg.inner_shift, cfg.t_max), gen)
+                           student_grid(cfg.inner_steps, cfg.inner_shift, cfg.t_max), gen, cond)
         elif kind == "dmd2v":
-            x = dmd2v_sample(model, noise, contexts, student_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max))
+            x = dmd2v_sample(model, noise, contexts, student_grid(cfg.outer_steps, cfg.outer_shift, cfg.t_max), cond)
         else:
             _, neg = match_contexts(contexts, negative)
             x = teacher_euler_sample(model, noise, contexts, wan_sampling_grid(cfg.teacher_steps, cfg.teacher_shift),
-                                     neg, cfg.cfg_scale)
+                                     neg, cfg.cfg_scale, cond=cond)
     return x, counter.nfe()  # the blocks run on the whole batch at once: calls / L is already per sample
 
 

@@ -26,6 +26,7 @@ from tmd_megatron.algorithms.timesteps import is_student_step
 from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 
 from . import checkpoint as ckpt
+from .conditioning import image_condition_of
 from .config import RecipeError, Resolved, num_microbatches
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
@@ -94,10 +95,12 @@ def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
         from tmd_megatron.data.synthetic import SyntheticTask
 
         syn = dict(d.synthetic)
-        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim)
+        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim,
+                             image_dim=res.wan.image_dim, image_len=res.wan.image_len)
         shard_dir = Path(res.raw.run.out_dir) / "data"
-        if topo.world.rank == 0:
-            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0))
+        if topo.world.rank == 0:  # I2V models read the first frame's conditioning latent (and image tokens)
+            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0),
+                              image=res.wan.model_type == "i2v")
         if dist.is_initialized():
             dist.barrier()
         shards, negative = shard_dir, task.encode_text("")
@@ -199,11 +202,13 @@ class Trainer:
         dev = self.topo.device
         x, ctx, idx = batch["latent"].float(), batch["context"].float(), batch["index"]
         noise = batch.get("noise")
+        cond = image_condition_of(self.res, batch)
         out = []
         for i in range(m):
             sl = slice(i * x.shape[0] // m, (i + 1) * x.shape[0] // m)
             out.append(Micro(x[sl].to(dev), ctx[sl].to(dev), idx[sl],
-                             None if noise is None else noise[sl].float().to(dev)))
+                             None if noise is None else noise[sl].float().to(dev),
+                             None if cond is None else cond.rows(sl).to(dev)))
         return out
 
     def updates_this_step(self) -> list[str]:
@@ -349,11 +354,15 @@ class Trainer:
         from .sampling import sample
 
         kind = {"tm_mf": "tmd", "tmd": "tmd", "flow_matching": "teacher"}.get(self.res.method, "dmd2v")
-        ctx = self.last_batch["context"][: self.res.raw.run.num_samples].float().to(self.topo.device)
+        n = self.res.raw.run.num_samples
+        ctx = self.last_batch["context"][:n].float().to(self.topo.device)
         latent = tuple(self.last_batch["latent"].shape[1:])
+        cond = image_condition_of(self.res, self.last_batch)
+        cond = None if cond is None else cond.rows(slice(0, len(ctx))).to(self.topo.device)
         module = self.roles.student
         module.eval()
-        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step)
+        x, nfe = sample(kind, module, ctx, self.data_negative, latent, sampler_config_of(self.res), seed=self.step,
+                        cond=cond)
         module.train()
         if self.topo.dp.rank == 0 and self.topo.tp.rank == 0 and self.topo.cp.rank == 0:
             folder = self.out / "samples" / f"step_{self.step:08d}"

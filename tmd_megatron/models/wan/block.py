@@ -1,4 +1,6 @@
-"""One Wan DiT block (WAN_SPEC §2.4): modulated self-attention, cross-attention to text, modulated FFN."""
+"""One Wan DiT block (WAN_SPEC §2.4): modulated self-attention, cross-attention to text (and, in Wan2.1 I2V, to
+CLIP image tokens), modulated FFN. The modulation is per sample (e0 [B, 6, D]) or per token (e0 [B, L, 6, D],
+Wan2.2's per-token timesteps)."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +20,14 @@ def fp32_region(device: torch.device):
 
 def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return normed.float() * (1 + scale) + shift
+
+
+def modulation_chunks(table: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """table [1, k, D] + e0 ([B, k, D] per sample or [B, L, k, D] per token) split into k tensors that broadcast
+    against the tokens [B, L, D]: [B, 1, D] or [B, L, D]. Call inside fp32_region."""
+    if e0.ndim == 3:
+        return (table + e0).unsqueeze(2).unbind(1)
+    return (table + e0).unbind(2)
 
 
 def norm_modulate(norm: FP32LayerNorm, x, shift, scale) -> torch.Tensor:
@@ -48,7 +58,13 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(nn.Module):
-    """Attention from video tokens to all text tokens: no RoPE and no mask (padded text rows included)."""
+    """Attention from video tokens to all text tokens: no RoPE and no mask (padded text rows included).
+
+    With CLIP image tokens (Wan2.1 I2V) the context is [image tokens, text] and the same queries also attend to
+    the image tokens through their own k/v projections and k-norm; the two attention outputs are summed before
+    the output projection (wan/modules/model.py WanI2VCrossAttention; diffusers' WanAttnProcessor with
+    add_k_proj). Image k/v see replicated context like the text's, so tensor parallelism shards them the same way.
+    """
 
     def __init__(self, cfg: WanConfig, layers):
         super().__init__()
@@ -60,12 +76,24 @@ class WanCrossAttention(nn.Module):
         self.norm_q = layers.qk_norm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = layers.qk_norm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.attn = layers.cross_attention()
+        self.image_len = cfg.image_len if cfg.image_dim is not None else 0
+        if self.image_len:
+            self.k_img = layers.linear_in(cfg.dim, cfg.dim, token_input=False)
+            self.v_img = layers.linear_in(cfg.dim, cfg.dim, token_input=False)
+            self.norm_k_img = layers.qk_norm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+            self.attn_img = layers.cross_attention()
 
     def forward(self, x, context):
         q = self.norm_q(self.q(x)).unflatten(-1, (-1, self.head_dim))
-        k = self.norm_k(self.k(context)).unflatten(-1, (-1, self.head_dim))
-        v = self.v(context).unflatten(-1, (-1, self.head_dim))
-        return self.o(self.attn(q, k, v).flatten(-2))
+        image, text = context[:, : self.image_len], context[:, self.image_len :]
+        k = self.norm_k(self.k(text)).unflatten(-1, (-1, self.head_dim))
+        v = self.v(text).unflatten(-1, (-1, self.head_dim))
+        out = self.attn(q, k, v)
+        if self.image_len:
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, (-1, self.head_dim))
+            v_img = self.v_img(image).unflatten(-1, (-1, self.head_dim))
+            out = out + self.attn_img(q, k_img, v_img)
+        return self.o(out.flatten(-2))
 
 
 class WanBlock(nn.Module):
@@ -82,10 +110,10 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, context, e0_B_6_D, rope_cos, rope_sin, real_keys=None):
+    def forward(self, x, context, e0, rope_cos, rope_sin, real_keys=None):
+        """e0: [B, 6, D] per sample or [B, L_local, 6, D] per token (this rank's tokens)."""
         with fp32_region(x.device):
-            mod = (self.modulation + e0_B_6_D).unsqueeze(2)  # [B, 6, 1, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+            shift1, scale1, gate1, shift2, scale2, gate2 = modulation_chunks(self.modulation, e0)
         y = self.self_attn(norm_modulate(self.norm1, x, shift1, scale1), rope_cos, rope_sin, real_keys)
         x = x + y * gate1
         x = x + self.cross_attn(self.norm3(x), context)

@@ -1,28 +1,37 @@
-"""Load and save Wan2.1 DiT checkpoints in the original and diffusers formats (WAN_SPEC §3).
+"""Load and save Wan DiT checkpoints in the original and diffusers formats (WAN_SPEC §3, docs/wan_family.md).
 
 Loading reads every header first, checks names and shapes against the model the config describes, and
 only then reads tensors, so a bad checkpoint raises `CheckpointError` naming the problem and never leaves a
-half-loaded model. Saving writes into a temporary sibling directory and swaps it into place.
+half-loaded model. Writing is in saving.py.
+
+This module never imports the model: the model class is passed in (`WanModel.from_pretrained` passes itself),
+so model.py can import it and the two do not import each other.
+
+Two-expert (Wan2.2 A14B) checkpoints: the original release holds `high_noise_model/` and `low_noise_model/`
+(wan/configs/wan_t2v_A14B.py), a diffusers pipeline `transformer/` (high noise) and `transformer_2/` (low noise)
+with `boundary_ratio` in model_index.json (diffusers scripts/convert_wan_to_diffusers.py).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import WanConfig
-from .keys import detect_format, diffusers_to_original, key_maps, strip_prefix
-from .model import WanModel
+from .config import I2V_MASK_CHANNELS, WanConfig
+from .keys import detect_format, diffusers_to_original, strip_prefix
+from .saving import ORIGINAL_CONFIG_FIELDS
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
-ORIGINAL_CONFIG_FIELDS = ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers", "eps")
+EXPERTS = ("high", "low")
+ORIGINAL_EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
+DIFFUSERS_EXPERT_DIRS = {"high": "transformer", "low": "transformer_2"}
+# Wan2.2's boundaries by task when a checkpoint does not record one (the original release keeps them in code).
+DEFAULT_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
+# Every released Wan DiT on 48 latent channels (the Wan2.2 VAE) is TI2V-5B; diffusers' transformer config has no
+# task field (its pipeline marks TI2V with expand_timesteps=True in model_index.json).
+TI2V_CHANNELS = 48
 
 
 class CheckpointError(ValueError):
@@ -30,11 +39,47 @@ class CheckpointError(ValueError):
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def _resolve_dir(path: Path) -> Path:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+
+
+def expert_dirs(path) -> dict[str, Path] | None:
+    """{"high": dir, "low": dir} for a two-expert (A14B) checkpoint directory, else None."""
+    path = Path(path)
+    for names in (ORIGINAL_EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
+        dirs = {e: path / d for e, d in names.items()}
+        if all((d / "config.json").exists() for d in dirs.values()):
+            return dirs
+    return None
+
+
+def expert_boundary(path, model_type: str) -> float:
+    """The A14B switch point t (in [0, 1]): diffusers' boundary_ratio, else Wan2.2's value for the task."""
+    ratio = _read_json(Path(path) / "model_index.json").get("boundary_ratio")
+    if ratio is not None:
+        return float(ratio)
+    if model_type not in DEFAULT_BOUNDARY:
+        raise CheckpointError(f"{path}: a two-expert {model_type} checkpoint without a boundary_ratio; Wan2.2 has "
+                              f"two-expert models for {sorted(DEFAULT_BOUNDARY)} only")
+    return DEFAULT_BOUNDARY[model_type]
+
+
+def _resolve_dir(path: Path, expert: str | None = None) -> Path:
     if path.is_file():
-        return path.parent
+        path = path.parent
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    experts = expert_dirs(path)
+    if experts is not None:
+        if expert not in EXPERTS:
+            raise CheckpointError(f"{path} holds two experts (Wan2.2 A14B): load one with expert='high' or 'low', or "
+                                  "both with WanExperts.from_pretrained")
+        return experts[expert]
+    if expert is not None:
+        raise CheckpointError(f"{path} is not a two-expert (A14B) checkpoint; load it without expert=")
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
         return path / "transformer"  # a diffusers pipeline root
     return path
@@ -85,7 +130,22 @@ def _read_headers(files: list[Path], weight_map: dict[str, str] | None) -> dict[
     return where
 
 
-def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple]) -> WanConfig:
+def _model_type(cfg_json: dict, fields: dict, pipeline: dict) -> str:
+    """The task: declared by the original config.json (and our diffusers writer), else read from the structure."""
+    declared = cfg_json.get("model_type")
+    if declared is not None:
+        if declared not in ("t2v", "i2v", "ti2v"):
+            raise CheckpointError(f"model_type {declared!r} is not supported; supported Wan DiTs are t2v, i2v and "
+                                  "ti2v (docs/wan_family.md)")
+        return declared
+    if fields["in_dim"] == 2 * fields["out_dim"] + I2V_MASK_CHANNELS or fields.get("image_dim"):
+        return "i2v"
+    if pipeline.get("expand_timesteps") or fields["in_dim"] == fields["out_dim"] == TI2V_CHANNELS:
+        return "ti2v"
+    return "t2v"
+
+
+def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple], pipeline: dict | None = None) -> WanConfig:
     """WanConfig from config.json plus what tensor shapes say (original configs omit several fields)."""
     def shape(key):
         if key not in shapes:
@@ -108,9 +168,16 @@ def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple]) -> WanConf
         qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
         cross_attn_norm="blocks.0.norm3.weight" in shapes,
     )
+    if "img_emb.emb_pos" in shapes or cfg_json.get("pos_embed_seq_len") is not None:
+        raise CheckpointError("this is a first-last-frame (FLF2V) Wan checkpoint; it is not supported "
+                              "(docs/wan_family.md lists the supported variants)")
+    if "img_emb.proj.0.weight" in shapes:
+        fields["image_dim"] = shape("img_emb.proj.0.weight")[0]
     if fmt == "diffusers":
-        if cfg_json.get("image_dim") is not None or cfg_json.get("added_kv_proj_dim") is not None:
-            raise CheckpointError("this is an image-to-video Wan checkpoint (image_dim set); only T2V is supported")
+        added = cfg_json.get("added_kv_proj_dim")
+        if added is not None and added != dim:
+            raise CheckpointError(f"added_kv_proj_dim={added} differs from the model width {dim}: not a Wan I2V "
+                                  "checkpoint this loader knows")
         declared = dict(
             num_heads=cfg_json.get("num_attention_heads"),
             eps=cfg_json.get("eps"),
@@ -122,6 +189,7 @@ def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple]) -> WanConf
             out_dim=cfg_json.get("out_channels"),
             rope_max_positions=cfg_json.get("rope_max_seq_len"),
             text_len=cfg_json.get("text_len"),
+            image_dim=cfg_json.get("image_dim"),
         )
         if cfg_json.get("attention_head_dim") and cfg_json.get("num_attention_heads"):
             declared["dim"] = cfg_json["attention_head_dim"] * cfg_json["num_attention_heads"]
@@ -135,6 +203,9 @@ def _infer_config(cfg_json: dict, fmt: str, shapes: dict[str, tuple]) -> WanConf
     if "num_heads" not in declared:
         raise CheckpointError("config.json does not give the number of attention heads (num_heads)")
     fields.update(declared)
+    fields["model_type"] = _model_type(cfg_json, fields, pipeline or {})
+    if cfg_json.get("image_len") is not None:
+        fields["image_len"] = cfg_json["image_len"]
     try:
         return WanConfig(**fields)
     except ValueError as err:
@@ -145,16 +216,15 @@ class WanCheckpoint:
     """A validated checkpoint directory read lazily: `config`, and a mapping of original-format keys to
     tensors that reads one tensor at a time (so each pipeline/tensor-parallel rank reads only its share).
 
-    Every header is checked on opening: names and shapes against the config the files describe.
+    Every header is checked on opening: names and shapes against `model_cls` (WanModel) built for the config the
+    files describe. expert: 'high' or 'low' to open one expert of a two-expert (A14B) directory.
     """
 
-    def __init__(self, path, backend="torch", check_finite: bool = True):
-        self.dir = ckpt_dir = _resolve_dir(Path(path))
-        cfg_path = ckpt_dir / "config.json"
-        try:
-            cfg_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({err})") from err
+    def __init__(self, path, model_cls, backend="torch", check_finite: bool = True, expert: str | None = None):
+        path = Path(path)
+        self.dir = ckpt_dir = _resolve_dir(path, expert)
+        cfg_json = _read_json(ckpt_dir / "config.json")
+        pipeline = _read_json(ckpt_dir.parent / "model_index.json") if ckpt_dir != path else {}
         files, weight_map = _weight_files(ckpt_dir)
         where = _read_headers(files, weight_map)
         self.prefix = strip_prefix(list(where))
@@ -172,10 +242,10 @@ class WanCheckpoint:
                     self.where[k] = (k, f, shape)  # reported as unexpected below
         else:
             self.where = {k: (k, f, shape) for k, (f, shape) in where.items()}
-        self.config = _infer_config(cfg_json, fmt, {k: v[2] for k, v in self.where.items()})
+        self.config = _infer_config(cfg_json, fmt, {k: v[2] for k, v in self.where.items()}, pipeline)
 
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in WanModel(self.config, backend=backend).state_dict().items()}
+            expected = {k: tuple(v.shape) for k, v in model_cls(self.config, backend=backend).state_dict().items()}
         missing = sorted(set(expected) - set(self.where))
         unexpected = sorted(self.where[k][0] for k in set(self.where) - set(expected))
         wrong = sorted(
@@ -222,103 +292,16 @@ class WanCheckpoint:
         return out
 
 
-def load_wan(path, dtype: torch.dtype | None = torch.float32, device="cpu", backend="torch", check_finite=True) -> WanModel:
-    """A WanModel from a directory in either format, single-file or sharded; the format is detected.
+def load_wan(model_cls, path, dtype: torch.dtype | None = torch.float32, device="cpu", backend="torch",
+             check_finite=True, expert: str | None = None):
+    """A `model_cls` (WanModel) from a directory in either format, single-file or sharded; the format is detected.
 
     dtype=None keeps the stored dtype; the default fp32 matches the original's master weights. Every tensor is
     read and checked before the model is filled, so a bad file never leaves a half-loaded model.
     """
-    ckpt = WanCheckpoint(path, backend=backend, check_finite=check_finite)
+    ckpt = WanCheckpoint(path, model_cls, backend=backend, check_finite=check_finite, expert=expert)
     state = {k: t.to(device=device, dtype=dtype or t.dtype) for k, t in ckpt.read(list(ckpt.keys())).items()}
     with torch.device("meta"):
-        model = WanModel(ckpt.config, backend=backend)
+        model = model_cls(ckpt.config, backend=backend)
     model.load_state_dict(state, strict=True, assign=True)
     return model
-
-
-# ---- writing ----------------------------------------------------------------------------------------------
-def config_json(cfg: WanConfig, fmt: str) -> dict:
-    if fmt == "original":
-        out = {"_class_name": "WanModel", "model_type": "t2v"}
-        out.update({k: getattr(cfg, k) for k in ORIGINAL_CONFIG_FIELDS})
-        return out
-    if fmt == "diffusers":
-        # diffusers pads text in its pipeline (to 512) and has no text_len; record ours only when it differs.
-        extra = {} if cfg.text_len == 512 else {"text_len": cfg.text_len}
-        return extra | {
-            "_class_name": "WanTransformer3DModel",
-            "patch_size": list(cfg.patch_size),
-            "num_attention_heads": cfg.num_heads,
-            "attention_head_dim": cfg.head_dim,
-            "in_channels": cfg.in_dim,
-            "out_channels": cfg.out_dim,
-            "text_dim": cfg.text_dim,
-            "freq_dim": cfg.freq_dim,
-            "ffn_dim": cfg.ffn_dim,
-            "num_layers": cfg.num_layers,
-            "cross_attn_norm": cfg.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None,
-            "eps": cfg.eps,
-            "image_dim": None,
-            "added_kv_proj_dim": None,
-            "rope_max_seq_len": cfg.rope_max_positions,
-            "pos_embed_seq_len": None,
-        }
-    raise ValueError(f"unknown checkpoint format {fmt!r}; choose 'original' or 'diffusers'")
-
-
-def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_shard_bytes:
-        return [state]
-    shards, current, size = [], {}, 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = t
-        size += n
-    shards.append(current)
-    return shards
-
-
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Put a finished directory in place; the old one is removed only after the new one is there."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def save_wan(model: WanModel, path, format: str = "original", max_shard_bytes: int | None = None, dtype=None) -> None:
-    cfg_dict = config_json(model.config, format)
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    if format == "diffusers":
-        fwd, _ = key_maps(state.keys())
-        state = {fwd[k]: v for k, v in state.items()}
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-    else:
-        n = len(shards)
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, 1):
-            name = f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            for k, t in shard.items():
-                weight_map[k] = name
-                total += t.numel() * t.element_size()
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic_replace_dir(tmp, final)

@@ -1,4 +1,5 @@
-"""Key names of the two Wan2.1 checkpoint formats (WAN_SPEC §3.2).
+"""Key names of the two Wan checkpoint formats (WAN_SPEC §3.2; the I2V keys from diffusers'
+scripts/convert_wan_to_diffusers.py TRANSFORMER_KEYS_RENAME_DICT).
 
 Our modules use the original Wan2.1 names, so the original format is the identity and the diffusers
 format is a per-key rename. The map is built per key from the model's own state-dict names, which keeps
@@ -16,6 +17,11 @@ _TOP = {
     "time_projection.1": "condition_embedder.time_proj",
     "head.head": "proj_out",
     "patch_embedding": "patch_embedding",
+    # Wan2.1 I2V: the CLIP image embedding (MLPProj: LayerNorm, Linear, GELU, Linear, LayerNorm)
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
 }
 _BLOCK = {
     "self_attn.q": "attn1.to_q",
@@ -30,6 +36,9 @@ _BLOCK = {
     "cross_attn.o": "attn2.to_out.0",
     "cross_attn.norm_q": "attn2.norm_q",
     "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
     "norm3": "norm2",
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
@@ -89,7 +98,7 @@ def detect_format(keys) -> str:
         return "diffusers"
     if any(k.startswith(("text_embedding.", "time_embedding.", "head.")) for k in keys):
         return "original"
-    raise ValueError("cannot tell the checkpoint format: neither Wan2.1 original nor diffusers key names found")
+    raise ValueError("cannot tell the checkpoint format: neither Wan original nor diffusers key names found")
 
 
 def strip_prefix(keys) -> str:

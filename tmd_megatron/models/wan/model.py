@@ -1,8 +1,9 @@
-"""Wan2.1 text-to-video DiT (WAN_SPEC §2), single-device readable.
+"""The Wan DiT (WAN_SPEC §2) of every Wan2.1 / Wan2.2 variant (docs/wan_family.md), single-device readable.
 
 Besides `forward`, the pieces are public so the TMD student and pipeline stages can run parts of the
-network: `embed_tokens`, `embed_time`, `embed_text`, `run_blocks` (a contiguous block range, optionally
-returning chosen hidden states) and `head_out`.
+network: `embed_tokens`, `embed_time` (timesteps per sample [B] or per token [B, L]), `embed_context` (text,
+and CLIP image tokens for Wan2.1 I2V), `run_blocks` (a contiguous block range, optionally returning chosen
+hidden states) and `head_out`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import WanBlock, fp32_region
-from .config import WanConfig
+from . import checkpoint as wan_checkpoint
+from . import saving
+from .block import WanBlock, fp32_region, modulation_chunks
+from .config import IMAGE_NORM_EPS, WanConfig
 from .layers import FP32LayerNorm, get_backend
 from .layout import LocalLayout
 from .rope import grid_positions, rope_angles, rope_cos_sin
@@ -48,11 +51,25 @@ class WanHead(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * cfg.patch_volume)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x_B_L_D, e_B_D):
-        # The head uses e (before SiLU), shift first, all in fp32 like the original.
+    def forward(self, x_B_L_D, e):
+        # The head uses e (before SiLU; [B, D] or per token [B, L, D]), shift first, all in fp32 like the original.
         with fp32_region(x_B_L_D.device):
-            shift, scale = (self.modulation + e_B_D.unsqueeze(1)).unsqueeze(2).unbind(1)
+            shift, scale = modulation_chunks(self.modulation, e.unsqueeze(-2))
             return self.head(self.norm(x_B_L_D).float() * (1 + scale) + shift)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width (wan/modules/model.py MLPProj: LayerNorm, Linear, exact GELU, Linear,
+    LayerNorm; the norms in fp32 like diffusers' WanImageEmbedding)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        i = cfg.image_dim
+        self.proj = nn.Sequential(FP32LayerNorm(i, eps=IMAGE_NORM_EPS), nn.Linear(i, i), nn.GELU(), nn.Linear(i, cfg.dim),
+                                  FP32LayerNorm(cfg.dim, eps=IMAGE_NORM_EPS))
+
+    def forward(self, image_B_N_C: torch.Tensor) -> torch.Tensor:
+        return self.proj(image_B_N_C)
 
 
 class WanModel(nn.Module):
@@ -68,6 +85,8 @@ class WanModel(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        if cfg.image_dim is not None:
+            self.img_emb = ImageEmbedding(cfg)
         self.blocks = nn.ModuleList(WanBlock(cfg, layers) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
 
@@ -101,17 +120,39 @@ class WanModel(nn.Module):
         tokens, grid = self.patchify(x_B_C_F_H_W)
         return self.layout.split(tokens), self.geometry(grid, tokens.device)
 
-    def embed_time(self, timestep_B: torch.Tensor, embedding: nn.Module | None = None):
-        """(e [B, D], e0 [B, 6, D]) from timesteps in Wan units [0, 1000]; fp32 as the original."""
+    def embed_time(self, timestep: torch.Tensor, embedding: nn.Module | None = None):
+        """(e, e0) from timesteps in Wan units [0, 1000]; fp32 as the original.
+
+        timestep [B] (per sample): e [B, D], e0 [B, 6, D]. timestep [B, L] (per token, Wan2.2; L = all video
+        tokens in the frame-major order): the layout keeps this rank's tokens first, e [B, L_local, D],
+        e0 [B, L_local, 6, D].
+        """
         embedding = self.time_embedding if embedding is None else embedding
         ref = embedding[0].weight
-        if timestep_B.ndim != 1:
-            raise ValueError(f"timestep must be shape [B], got {tuple(timestep_B.shape)}")
+        if timestep.ndim == 2:
+            timestep = self.layout.split(timestep.unsqueeze(-1)).squeeze(-1)
+        elif timestep.ndim != 1:
+            raise ValueError(f"timestep must be [B] or per token [B, L], got shape {tuple(timestep.shape)}")
         with fp32_region(ref.device):
-            sinus = timestep_sinusoid(timestep_B, self.config.freq_dim)
+            sinus = timestep_sinusoid(timestep.flatten(), self.config.freq_dim).unflatten(0, timestep.shape)
             e = embedding(sinus.to(torch.promote_types(torch.float32, ref.dtype)))
-            e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
+            e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0
+
+    def embed_context(self, context_B_T_C: torch.Tensor, image_B_N_C: torch.Tensor | None = None) -> torch.Tensor:
+        """What the cross-attention reads: the embedded text, after the embedded CLIP image tokens when the model
+        has an image branch (Wan2.1 I2V concatenates [image, text] the same way)."""
+        text = self.embed_text(context_B_T_C)
+        cfg = self.config
+        if cfg.image_dim is None:
+            if image_B_N_C is not None:
+                raise ValueError("this Wan model has no image branch (image_dim is None): pass image_context=None")
+            return text
+        want = (text.shape[0], cfg.image_len, cfg.image_dim)
+        if image_B_N_C is None or tuple(image_B_N_C.shape) != want:
+            got = None if image_B_N_C is None else tuple(image_B_N_C.shape)
+            raise ValueError(f"this I2V model needs image_context (CLIP image tokens) of shape {want}, got {got}")
+        return torch.cat([self.img_emb(image_B_N_C).to(text.dtype), text], dim=1)
 
     def embed_text(self, context_B_T_C: torch.Tensor) -> torch.Tensor:
         """Text MLP over the zero-padded context; shorter inputs are padded to text_len like Wan, never masked."""
@@ -171,19 +212,27 @@ class WanModel(nn.Module):
     def forward(
         self,
         x_B_C_F_H_W: torch.Tensor,
-        timestep_B: torch.Tensor,
+        timestep: torch.Tensor,
         context_B_T_C: torch.Tensor,
+        image_context: torch.Tensor | None = None,
         return_hidden: tuple[int, ...] = (),
     ):
-        """Velocity prediction; with return_hidden, also {block index: hidden tokens [B, L_local, D]}."""
-        if timestep_B.shape[0] != x_B_C_F_H_W.shape[0] or context_B_T_C.shape[0] != x_B_C_F_H_W.shape[0]:
+        """Velocity prediction [B, out_dim, F, H, W]; with return_hidden, also {block: hidden tokens [B, L_local, D]}.
+
+        x: the model input (I2V: [x_t, mask, conditioning latent] along channels); timestep: Wan units, [B] or
+        per token [B, L]; image_context: CLIP image tokens [B, image_len, image_dim] (Wan2.1 I2V only).
+        """
+        if timestep.shape[0] != x_B_C_F_H_W.shape[0] or context_B_T_C.shape[0] != x_B_C_F_H_W.shape[0]:
             raise ValueError(
-                f"batch sizes differ: x {x_B_C_F_H_W.shape[0]}, timestep {timestep_B.shape[0]}, "
+                f"batch sizes differ: x {x_B_C_F_H_W.shape[0]}, timestep {timestep.shape[0]}, "
                 f"context {context_B_T_C.shape[0]}"
             )
         tokens, geom = self.embed_tokens(x_B_C_F_H_W)
-        e, e0 = self.embed_time(timestep_B)
-        context = self.embed_text(context_B_T_C)
+        if timestep.ndim == 2 and timestep.shape[1] != geom.num_tokens:
+            raise ValueError(f"per-token timesteps [B, L] need L = {geom.num_tokens} (the latent's tokens), "
+                             f"got {timestep.shape[1]}")
+        e, e0 = self.embed_time(timestep)
+        context = self.embed_context(context_B_T_C, image_context)
         tokens, hidden = self.run_blocks(tokens, context, e0, geom, capture=tuple(return_hidden))
         out = self.head_out(tokens, e, geom)
         return (out, hidden) if return_hidden else out
@@ -205,11 +254,9 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> "WanModel":
-        from .checkpoint import load_wan
-
-        return load_wan(path, **kwargs)
+        """A Wan DiT from a checkpoint directory in either key format (variant detected from config and tensors).
+        A two-expert (A14B) directory needs expert='high' or 'low'; WanExperts.from_pretrained loads both."""
+        return wan_checkpoint.load_wan(cls, path, **kwargs)
 
     def save_pretrained(self, path, format: str = "original", **kwargs) -> None:
-        from .checkpoint import save_wan
-
-        save_wan(self, path, format=format, **kwargs)
+        saving.save_wan(self, path, format=format, **kwargs)

@@ -17,6 +17,8 @@ LAYOUTS = {
     "te_cp2_p2p_bf16": dict(cp=2, cp_comm="ring", latent=EVEN, autocast=BF16),
     "te_cp2_a2a_bf16": dict(cp=2, cp_comm="ulysses", latent=EVEN, autocast=BF16),
     "te_pp2": dict(pp=2, microbatches=4),
+    "te_i2v_tp2_sp": dict(tp=2, sp=True, variant="i2v"),  # the image branch: CLIP k/v through TE's linears too
+    "te_ti2v_cp2_a2a_bf16": dict(cp=2, cp_comm="ulysses", latent=EVEN, autocast=BF16, variant="ti2v"),
 }
 # What must not run, and what must not pass: TE without the transpose (the backend before this change), fp32
 # under CP, padding under CP.

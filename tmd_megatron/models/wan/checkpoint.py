@@ -49,6 +49,10 @@ def _weight_files(ckpt_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"index {indexes[0]} is not a valid safetensors index ({err})") from err
+        outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", "..")})
+        if outside:
+            raise CheckpointError(f"index {indexes[0].name} names shard files outside {ckpt_dir}: {outside[:3]}; a "
+                                  "checkpoint's shards sit next to its index")
         shards = sorted({ckpt_dir / f for f in weight_map.values()})
         missing = [p.name for p in shards if not p.exists()]
         if missing:
@@ -282,6 +286,34 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list
     return shards
 
 
+# What a checkpoint or export directory written by us holds; a directory holding anything else is not replaced.
+WRITTEN_NAMES = ("config.json", "student.json", "sampler.json", "extras.safetensors", "wan")
+
+
+def is_replaceable(final: Path) -> bool:
+    """True if `final` is missing, empty, or holds only what a Wan checkpoint / TMD export holds (our writers'
+    file names), so replacing it cannot delete anything else."""
+    if not final.exists():
+        return True
+    if not final.is_dir() or final.is_symlink():
+        return False
+    for entry in final.iterdir():
+        name = entry.name
+        ours = name in WRITTEN_NAMES or (name.startswith("diffusion_pytorch_model") and name.endswith(
+            (".safetensors", ".safetensors.index.json")))
+        if not ours or (entry.is_dir() and not (name == "wan" and is_replaceable(entry))):
+            return False
+    return True
+
+
+def make_group_readable(root: Path) -> None:
+    """Give written files the modes the umask allows (safetensors creates 0600 files), so a group can read exports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Put a finished directory in place; the old one is removed only after the new one is there."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -295,6 +327,9 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
 def save_wan(model: WanModel, path, format: str = "original", max_shard_bytes: int | None = None, dtype=None) -> None:
     cfg_dict = config_json(model.config, format)
     final = Path(path)
+    if not is_replaceable(final):
+        raise CheckpointError(f"{final} exists and holds files that are not a checkpoint's: refusing to replace it "
+                              "(nothing was written); choose a new directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -318,6 +353,7 @@ def save_wan(model: WanModel, path, format: str = "original", max_shard_bytes: i
                 total += t.numel() * t.element_size()
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    make_group_readable(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

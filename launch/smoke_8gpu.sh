@@ -26,11 +26,11 @@ set -euo pipefail
 : "${TMD_PYTHON:=python}"
 if [[ $TMD_DEVICE == cpu ]]; then
     : "${TMD_BACKEND:=torch}"
-    # One thread per rank: 8 ranks share a few cores.
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
     : "${TMD_BACKEND:=te}"
 fi
+# Intra-op threads: the node's cores shared by its ranks (torchrun would set 1; torch alone, all cores per rank).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / TMD_NPROC > 1 ? $(nproc) / TMD_NPROC : 1))}
 keep_run_dir=${TMD_RUN_DIR:+1}
 : "${TMD_RUN_DIR:=$(mktemp -d "${TMPDIR:-/tmp}/tmd-smoke.XXXXXX")}"
 

@@ -31,10 +31,10 @@ def _operator_errors():
     from tmd_megatron.models.wan.checkpoint import CheckpointError
     from tmd_megatron.training.checkpoint import CheckpointSaveError, ResumeError
     from tmd_megatron.training.config import RecipeError
-    from tmd_megatron.training.safe_dcp import UntrustedCheckpoint
+    from tmd_megatron.training.safe_dcp import CorruptCheckpoint, UntrustedCheckpoint
 
-    return (RecipeError, ResumeError, CheckpointSaveError, UntrustedCheckpoint, CheckpointError, ShardError,
-            HydraException, OmegaConfBaseException)
+    return (RecipeError, ResumeError, CheckpointSaveError, UntrustedCheckpoint, CorruptCheckpoint, CheckpointError,
+            ShardError, HydraException, OmegaConfBaseException)
 
 
 def _stopped_note(out_dir: str) -> str:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .safe_dcp import SafeFileSystemReader, TensorsOnlyLoadPlanner
+from .safe_dcp import CorruptCheckpoint, SafeFileSystemReader, TensorsOnlyLoadPlanner
 
 # One process without a process group is a supported case, not something to warn about on every save.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -112,6 +112,13 @@ def _causes(err: BaseException) -> list[BaseException]:
     return out
 
 
+def describe_failure(err: BaseException) -> str:
+    """`Type: first line` of the innermost cause (DCP wraps each rank's error in a CheckpointException)."""
+    root = _causes(err)[-1]
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0][:200] if text else ''}"
+
+
 def _save_failed(err: BaseException, ckpt_dir: Path, tmp: Path, step: int) -> CheckpointSaveError:
     """Why a save failed, for the operator; recognises a full disk (torch's zip writer reports it only as an
     `inline_container.cc` failure, without errno) by the free space left next to what a checkpoint needs."""
@@ -131,9 +138,7 @@ def _save_failed(err: BaseException, ckpt_dir: Path, tmp: Path, step: int) -> Ch
             f"no space left on {where} (the filesystem of {ckpt_dir}; {free / 2**20:.1f} MiB free, a checkpoint takes "
             f"about {need / 2**20:.1f} MiB) while saving step {step}: {survived}. Free space (or lower run.keep_last), "
             "then resubmit: the run resumes from there")
-    first = _causes(err)[-1]
-    return CheckpointSaveError(f"saving step {step} into {ckpt_dir} failed ({type(first).__name__}: {first}); "
-                               f"{survived}")
+    return CheckpointSaveError(f"saving step {step} into {ckpt_dir} failed ({describe_failure(err)}); {survived}")
 
 
 def save_checkpoint(ckpt_dir, step: int, state: dict, meta: dict, keep_last: int | None = 3) -> Path:
@@ -268,7 +273,7 @@ def read_meta(path) -> dict:
     try:
         meta = json.loads(where.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ResumeError(f"{where} cannot be read ({err}): the checkpoint is incomplete or corrupt") from None
+        raise CorruptCheckpoint(f"{where} cannot be read ({err}): the checkpoint is incomplete or corrupt") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        raise ResumeError(f"{where} is not a checkpoint's meta.json (no integer 'step')")
+        raise CorruptCheckpoint(f"{where} is not a checkpoint's meta.json (no integer 'step')")
     return meta

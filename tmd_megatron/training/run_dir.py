@@ -23,15 +23,16 @@ RUN_OUTPUTS = ("metrics.jsonl", "tensorboard", "samples", "export", "export_info
 
 
 def check_writable(out: Path) -> str | None:
-    """Why `out` cannot hold a run (None if it can): created if missing, then a probe file written and removed."""
-    probe = out / f".tmd-write-probe-{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        return (f"run.out_dir={out} is not writable ({err.strerror or err}): choose a directory this user can "
-                "write (checkpoints and the export go there)")
+    """Why `out` cannot hold a run (None if it can). Nothing is created: the directory, or its nearest existing
+    ancestor, must be a directory this process may write (access(2) also reports a read-only filesystem)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"run.out_dir={out}: {existing} is not a directory; choose a directory for the run"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"run.out_dir={out} is not writable ({existing} is read-only to this user): choose a directory this "
+                "user can write (checkpoints and the export go there)")
     return None
 
 

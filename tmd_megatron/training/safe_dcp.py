@@ -20,7 +20,11 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 
 class UntrustedCheckpoint(RuntimeError):
-    """A checkpoint file holds something our checkpoints never contain (the message names the file)."""
+    """A checkpoint file holds something our checkpoints never contain (the message names the file): refused."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, garbled): a resume may fall back to an earlier one."""
 
 
 # What a DCP `.metadata` of tensors references (found with pickletools on checkpoints of every layout we save):
@@ -62,7 +66,7 @@ def read_metadata(path) -> Metadata:
     except UntrustedCheckpoint:
         raise
     except Exception as err:  # a truncated or garbled pickle raises any of several types
-        raise UntrustedCheckpoint(f"{where} cannot be read ({type(err).__name__}: {err}): corrupt metadata") from None
+        raise CorruptCheckpoint(f"{where} cannot be read ({type(err).__name__}: {err}): corrupt metadata") from None
     if not isinstance(md, Metadata):
         raise UntrustedCheckpoint(f"{where} holds a {type(md).__name__}, not checkpoint metadata")
     bad = [k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]

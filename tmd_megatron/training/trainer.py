@@ -26,7 +26,7 @@ from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 
 from . import checkpoint as ckpt
 from .config import RecipeError, Resolved, num_microbatches
-from .inputs import Data, make_data  # noqa: F401 (Data: part of this module's interface)
+from .inputs import make_data
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
@@ -265,8 +265,7 @@ class Trainer:
             except (ckpt.ResumeError, UntrustedCheckpoint, RecipeError):
                 raise
             except (Exception, CheckpointException) as err:  # a truncated shard, corrupt meta.json, ...
-                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                notes.append(f"{candidate.name} cannot be loaded ({type(err).__name__}: {first}); trying the one before")
+                notes.append(f"{candidate.name} cannot be loaded ({ckpt.describe_failure(err)}); trying the one before")
         if candidates and path is None:
             raise ckpt.ResumeError(
                 f"none of the checkpoints in {ckpt_dir} can be loaded ({'; '.join(notes)}): restore them, or start "

@@ -137,8 +137,14 @@ def cmd_synthetic(args) -> int:
 def cmd_index(args) -> int:
     from tmd_megatron.data.format import build_index
 
+    import tarfile
+
     for tar in args.tars:
-        print(f"{tar}: indexed {build_index(tar)} samples")
+        try:
+            n = build_index(tar)
+        except (tarfile.TarError, EOFError) as err:
+            raise PreprocessError(f"{tar} is not a readable tar file ({err}): index only complete shard tars") from None
+        print(f"{tar}: indexed {n} samples")
     return 0
 
 
@@ -254,9 +260,10 @@ def main(argv=None) -> int:
         if distributed:
             torch.distributed.barrier()
     except (ShardError, PreprocessError, CheckpointError, tarfile.TarError, OSError, ValueError) as err:
-        # OSError: a missing manifest, prompts file or model folder (transformers raises OSError for those);
-        # ValueError: an argument a builder refuses (e.g. an odd synthetic --size)
-        print(f"tmd-preprocess: {err}", file=sys.stderr)
+        # OSError: a missing manifest, prompts file or output path; ValueError: an argument a builder refuses
+        # (e.g. an odd synthetic --size)
+        text = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"tmd-preprocess: {text}", file=sys.stderr)
         code = 2
     finally:
         if distributed:

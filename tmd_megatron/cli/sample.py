@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     try:
         return _sample(p, a)
     except (ValueError, OSError) as err:  # CheckpointError and RecipeError are ValueErrors
-        print(f"tmd-sample: {err}", file=sys.stderr)
+        text = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"tmd-sample: {text}", file=sys.stderr)
         return 2
 
 
@@ -100,6 +101,8 @@ def _sample(p, a) -> int:
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(not OUTPUT.match(f.name) for f in out.iterdir())):
         p.error(f"--out {out} exists and holds other files than samples (NNNN.pt/.mp4): choose a new directory")
+    if a.prompts_file and not Path(a.prompts_file).is_file():
+        p.error(f"--prompts-file {a.prompts_file} does not exist")
     prompts = list(a.prompts) + (Path(a.prompts_file).read_text().splitlines() if a.prompts_file else [])
     prompts = [q for q in prompts if q.strip()]
     if not prompts:

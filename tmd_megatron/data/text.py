@@ -53,10 +53,16 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, encoder_dir, tokenizer_dir=None, **kwargs) -> "PromptEncoder":
+        from pathlib import Path
+
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or encoder_dir))
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir))
+        for what, folder in (("text encoder", encoder_dir), ("tokenizer", tokenizer_dir or encoder_dir)):
+            if not Path(folder).is_dir():  # transformers would take the name for a hub repository
+                raise ValueError(f"{what} folder {folder} does not exist: give the local folder of Wan's umT5 "
+                                 "(UMT5EncoderModel and its tokenizer; nothing is downloaded)")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or encoder_dir), local_files_only=True)
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True)
         return cls(tokenizer, encoder, **kwargs)
 
     @torch.no_grad()
@@ -79,7 +85,7 @@ def load_negative_embedding(path, text_dim: int, text_len: int) -> torch.Tensor:
     from pathlib import Path
 
     path = Path(path)
-    fix = "write it with `tmd-preprocess negative <umT5 dir> <file>` and set data.negative (or TMD_NEGATIVE)"
+    fix = "write it with `tmd-preprocess negative <umT5 dir> <file>` and set data.negative to that file"
     if not path.is_file():
         raise ValueError(f"data.negative={path} does not exist: {fix}")
     try:

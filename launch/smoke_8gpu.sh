@@ -45,6 +45,7 @@ source "$TMD_LAUNCH_DIR/lib.sh"
 
 tmd_check_layout "$TMD_NPROC"
 tmd_trainer_args
+tmd_precheck "$TMD_NPROC"
 cmd=()
 read -r -a cmd <<<"$TMD_TRAIN_CMD"
 tmd_log "smoke: $TMD_NPROC ranks on $TMD_DEVICE, TP$TMD_TP x CP$TMD_CP x PP$TMD_PP x DP$TMD_DP, backend $TMD_BACKEND"

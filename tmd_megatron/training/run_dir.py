@@ -155,7 +155,8 @@ def summary(res, out: Path, export: Path, metrics: dict, step: int) -> str:
     elif res.method == "flow_matching":
         nxt = f"distil it: tmd-train experiment=<recipe> method=tm_mf model.teacher={export}"
     else:
+        synthetic = res.raw.data.source == "synthetic" or res.raw.model.preset == "tiny"  # the synthetic task's text
         nxt = (f"sample: tmd-sample {export} --prompts \"...\" "
-               + ("--synthetic" if res.raw.data.source == "synthetic" else "--umt5 <dir> --vae <dir>") + " --out <dir>")
+               + ("--synthetic" if synthetic else "--umt5 <dir> --vae <dir>") + " --out <dir>")
     return "\n".join([f"tmd-train: finished {step} steps of {res.method}",
                       f"  export      {export}", f"  last step   {shown}", f"  next        {nxt}"])

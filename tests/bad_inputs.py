@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """The bad-input battery (cases: bad_input_cases.py, harness: bad_inputs.py): for every case, the exit code, one
 message with the expected phrase, no traceback, and nothing changed outside the case's own new files."""
 import re
-from pathlib import Path
 
 import pytest
 

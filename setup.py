@@ -27,7 +27,11 @@ setup(
     name="tmd_megatron",
     version="0.1.0",
     description="Transition Matching Distillation of Wan2.1 video DiTs with Megatron-style parallelism",
-    packages=find_packages(include=["tmd_megatron", "tmd_megatron.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["tmd_megatron", "tmd_megatron.*", "kernels", "kernels.*"]) + ["tmd_megatron.recipes"],
+    # The hydra recipes ship inside the package (tmd_megatron/recipes/ of a wheel or non-editable install, e.g. the
+    # container), so tmd-train finds them without the checkout; a checkout's recipes/ is read directly.
+    package_dir={"tmd_megatron.recipes": "recipes"},
+    package_data={"tmd_megatron.recipes": ["*.yaml", "*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

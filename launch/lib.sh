@@ -20,7 +20,7 @@ tmd_die() {
 
 # The trainer's command line: the only place that knows tmd-train's hydra keys.
 tmd_trainer_args() {
-    TMD_ARGS=(
+    TMD_ARGS=( # experiment= first: tmd_precheck hands the rest to tmd-plan
         "experiment=$TMD_RECIPE"
         "run.out_dir=$TMD_RUN_DIR"
         "parallel.tp=$TMD_TP"
@@ -46,6 +46,21 @@ tmd_check_layout() {
         tmd_die "$world ranks do not divide into TP$TMD_TP x CP$TMD_CP x PP$TMD_PP = $model_parallel;" \
             "change TMD_TP/TMD_CP/TMD_PP or the number of nodes"
     TMD_DP=$((world / model_parallel))
+}
+
+# One process checks the recipe, the layout for $1 ranks and the files the run reads (tmd-plan, what tmd-train
+# checks before it builds a model) before any rank starts: a mistake ends in one message and exit 2, not one
+# message per rank (or, under torchrun, its launcher's traceback). Skipped where tmd-plan is not installed
+# (a container given through TMD_SRUN_ARGS): the ranks then check the same things themselves.
+tmd_precheck() {
+    local plan=()
+    read -r -a plan <<<"${TMD_PLAN_CMD:-tmd-plan}"
+    if ! command -v "${plan[0]}" >/dev/null; then
+        tmd_log "${plan[0]} not found here: the ranks check the recipe and its inputs themselves"
+        return 0
+    fi
+    "${plan[@]}" "$TMD_RECIPE" --world "$1" "${TMD_ARGS[@]:1}" >/dev/null ||
+        tmd_die "the recipe, its layout or its inputs were refused (above): nothing was started"
 }
 
 # Starts the job step in the background; TMD_STEP_PID is srun's pid.
@@ -137,6 +152,7 @@ tmd_main() {
     tmd_check_layout $((SLURM_JOB_NUM_NODES * TMD_PROCS_PER_NODE))
     TMD_STOP_FILE=$TMD_RUN_DIR/stop_request
     tmd_trainer_args
+    tmd_precheck $((SLURM_JOB_NUM_NODES * TMD_PROCS_PER_NODE))
     mkdir -p "$TMD_RUN_DIR"
     # A request an earlier attempt already answered; removed before the traps can write a new one.
     rm -f "$TMD_STOP_FILE"

@@ -26,14 +26,14 @@ set -euo pipefail
 : "${TMD_PYTHON:=python}"
 if [[ $TMD_DEVICE == cpu ]]; then
     : "${TMD_BACKEND:=torch}"
-    # One thread per rank: 8 ranks share a few cores.
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
     : "${TMD_BACKEND:=te}"
     # Transformer Engine has no fp32 attention kernel under context parallelism (tmd-plan refuses it): the GPU
     # smoke runs in bf16 autocast, the policy of the real recipes. Later overrides still win.
     [[ $TMD_BACKEND != te ]] || TMD_OVERRIDES="model.compute_dtype=bf16 ${TMD_OVERRIDES}"
 fi
+# Intra-op threads: the node's cores shared by its ranks (torchrun would set 1; torch alone, all cores per rank).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / TMD_NPROC > 1 ? $(nproc) / TMD_NPROC : 1))}
 keep_run_dir=${TMD_RUN_DIR:+1}
 : "${TMD_RUN_DIR:=$(mktemp -d "${TMPDIR:-/tmp}/tmd-smoke.XXXXXX")}"
 
@@ -48,6 +48,7 @@ source "$TMD_LAUNCH_DIR/lib.sh"
 
 tmd_check_layout "$TMD_NPROC"
 tmd_trainer_args
+tmd_precheck "$TMD_NPROC"
 cmd=()
 read -r -a cmd <<<"$TMD_TRAIN_CMD"
 tmd_log "smoke: $TMD_NPROC ranks on $TMD_DEVICE, TP$TMD_TP x CP$TMD_CP x PP$TMD_PP x DP$TMD_DP, backend $TMD_BACKEND"

@@ -5,6 +5,9 @@
 # Every TMD_* value below can be overridden at submission (VAR=value sbatch ...), and every #SBATCH
 # option on the sbatch command line (sbatch --nodes=4 launch/tmd_14b.sh). The job checkpoints and
 # requeues itself before its time limit and on preemption, and resumes from the run's latest checkpoint.
+# Account and partition are the cluster's: sbatch --account=<acct> --partition=<part> launch/tmd_14b.sh
+# (or export SBATCH_ACCOUNT / SBATCH_PARTITION once). A real run needs TMD_TEACHER_*, TMD_SHARDS and
+# TMD_NEGATIVE (or the matching overrides); `tmd-plan` checks them before queueing (docs/operations.md).
 #SBATCH --job-name=tmd-14b
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8

@@ -1,10 +1,13 @@
 #!/bin/bash
-# TMD distillation of Wan2.1-T2V-1.3B on 2 nodes x 8 H100 (80 GB): pure data parallel (DP16) with
+# TMD distillation of Wan2.1-T2V-1.3B on 2 nodes x 8 H100 (80 GB): context parallel CP2 x DP8 with
 # ZeRO-1 optimizer sharding. Submit from any directory that has a logs/ subdirectory:
 #   mkdir -p logs && sbatch launch/tmd_1p3b.sh
 # Every TMD_* value below can be overridden at submission (VAR=value sbatch ...), and every #SBATCH
 # option on the sbatch command line (sbatch --nodes=4 launch/tmd_1p3b.sh). The job checkpoints and
 # requeues itself before its time limit and on preemption, and resumes from the run's latest checkpoint.
+# Account and partition are the cluster's: sbatch --account=<acct> --partition=<part> launch/tmd_1p3b.sh
+# (or export SBATCH_ACCOUNT / SBATCH_PARTITION once). A real run needs TMD_TEACHER_*, TMD_SHARDS and
+# TMD_NEGATIVE (or the matching overrides); `tmd-plan` checks them before queueing (docs/operations.md).
 #SBATCH --job-name=tmd-1p3b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -24,10 +27,11 @@ set -euo pipefail
 : "${TMD_RUN_DIR:=$PWD/runs/${SLURM_JOB_NAME:-tmd-1p3b}}"
 : "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
 : "${TMD_TRAIN_CMD:=tmd-train}"
-# Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). tmd-plan estimates
-# 42.6 GiB per rank for stage 2 at DP16 (CP2 x DP8: 36.4 GiB): `tmd-plan wan1.3b_tmd_n4h5_m1 --world 16 ...`.
+# Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). The recipe's own layout
+# (recipes/parallel/h100_1p3b.yaml: CP2 Ulysses x DP8, 36.4 GiB per rank for stage 2; `tmd-plan
+# wan1.3b_tmd_n4h5_m1 --world 16 ...`); TMD_CP=1 gives DP16 (42.6 GiB). tests check these match the recipe.
 : "${TMD_TP:=1}"
-: "${TMD_CP:=1}"
+: "${TMD_CP:=2}"
 : "${TMD_PP:=1}"
 : "${TMD_DEVICE:=}"                # empty: the recipe's (cuda); cpu selects gloo (tests)
 : "${TMD_BACKEND:=}"               # empty: the recipe's; te | torch

@@ -149,9 +149,10 @@ def test_scancel_checkpoints_and_stops_without_requeue(slurm, tmp_path):
 
 
 def test_failing_trainer_is_not_requeued(slurm, tmp_path):
-    """A trainer that fails on start (an override its config does not have) must end the job, not loop."""
+    """A trainer that fails on start must end the job, not loop. (A bad override no longer reaches the ranks: the
+    launcher's tmd-plan precheck refuses it, tests/bad_input_cases.py; here the ranks' command itself fails.)"""
     run_dir = tmp_path / "run"
-    env = launcher_env(run_dir, max_steps=3, TMD_OVERRIDES="run.no_such_key=1", **LAYOUT)
+    env = launcher_env(run_dir, max_steps=3, TMD_TRAIN_CMD="false", **LAYOUT)
     job, log = submit(slurm, tmp_path, *SMALL, **env)
     seen = follow(slurm, job, log, timeout=120)
     text = read_log(log)

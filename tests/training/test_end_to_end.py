@@ -40,7 +40,7 @@ def test_tmd_sample_measures_eq16_and_writes_videos(demo, tmp_path, capsys):
                         "--inner-steps", "4", "--out", str(tmp_path)]) == 0
     want = effective_nfe(2, 4, 1, 4)
     assert f"effective NFE {want:.2f} (measured)" in capsys.readouterr().out
-    saved = torch.load(tmp_path / "0000.pt")
+    saved = torch.load(tmp_path / "0000.pt", weights_only=True)
     assert saved["latent"].shape == (16, 3, 8, 8) and saved["sampler"] == "tmd"
     assert (tmp_path / "0001.mp4").stat().st_size > 0
     with pytest.raises(SystemExit):
@@ -59,7 +59,7 @@ def test_trainer_previews(tmp_path):
                            "run.num_samples=3", "run.tensorboard=false"]))
     Trainer(res, Topology.single(), stream=io.StringIO()).fit()
     folder = tmp_path / "samples" / "step_00000002"
-    saved = torch.load(folder / "latents.pt")
+    saved = torch.load(folder / "latents.pt", weights_only=True)
     assert saved["latents"].shape == (3, 16, 3, 8, 8) and saved["nfe"] == effective_nfe(2, 2, 1, 4)
     assert len(list(folder.glob("*.mp4"))) == 3
 

@@ -93,9 +93,14 @@ def test_at_least_fifteen_kinds_are_covered():
 
 
 def test_cli_exit_codes(capsys):
-    assert plan_main(["wan14b_tmd_n4h5_m1", "model.init=/x", "--world", "64", "--device-memory", "80"]) == 0
+    assert plan_main(["wan14b_tmd_n4h5_m1", "model.init=/x", "--world", "64", "--device-memory", "80",
+                      "--layout-only"]) == 0
     out = capsys.readouterr().out
     assert "DP8 x PP1 x CP1 x TP8" in out and "total" in out
+    # without --layout-only the files are checked too: none of them exist here
+    assert plan_main(["wan14b_tmd_n4h5_m1", "model.init=/x", "--world", "64", "--device-memory", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "refused: model.init=/x: /x is not a TMD student export" in err and "refused: data.shards=" in err
     assert plan_main(["tiny_smoke", "parallel.tp=3", "--world", "6"]) == 2
     assert "refused: num_heads=4 is not divisible by tp=3" in capsys.readouterr().err
 

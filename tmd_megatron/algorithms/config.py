@@ -28,6 +28,20 @@ def _check_unit(name: str, value: float, lo: float = 0.0, hi: float = 1.0) -> No
         raise ValueError(f"{name}={value} must lie in [{lo}, {hi}]")
 
 
+def _check_positive(cfg, *names: str) -> None:
+    """Time shifts γ and learning rates: γ <= 0 is no shift at all (t = γt'/((γ−1)t'+1) leaves [0, 1])."""
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be positive")
+
+
+def _check_non_negative(cfg, *names: str) -> None:
+    """Guidance scales and loss weights: a negative value inverts the term (0 switches it off)."""
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0 (0 switches it off)")
+
+
 @dataclass(frozen=True)
 class GeneralConfig:
     """Table 7 "General settings" (shared by all stages)."""
@@ -92,6 +106,8 @@ class TMMFConfig:
             raise ValueError(f"fd_dtype={self.fd_dtype!r}; choose 'fp32' or 'compute'")
         if self.fd_delta <= 0 or self.norm_const_per_dim < 0:
             raise ValueError("fd_delta must be positive and norm_const_per_dim non-negative")
+        _check_positive(self, "outer_shift", "inner_shift", "s_shift", "lr")
+        _check_non_negative(self, "cfg_scale")
 
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "TMMFConfig":
@@ -144,6 +160,9 @@ class DMD2vConfig:
             raise ValueError(f"fake_target={self.fake_target!r}; choose 'x0' or 'flow'")
         if self.disc_features not in ("unpatchify", "grid"):
             raise ValueError(f"disc_features={self.disc_features!r}; choose 'unpatchify' or 'grid'")
+        _check_positive(self, "outer_shift", "inner_shift", "t_shift", "lr_student", "lr_disc", "lr_fake",
+                        "disc_width")
+        _check_non_negative(self, "cfg_scale", "gan_weight")
 
     @property
     def max_iters(self) -> int:
@@ -177,6 +196,13 @@ class KDConfig:
     teacher_steps: int = 50  # ours: Wan's default sampler length (not in Table 7)
     teacher_shift: float = 5.0  # ours: Wan's default sample_shift (not in Table 7)
     t_max: float = 0.999  # the one-step student's input time
+
+    def __post_init__(self):
+        if self.num_trajectories < 1 or self.teacher_steps < 1:
+            raise ValueError("num_trajectories and teacher_steps must be >= 1")
+        _check_unit("t_max", self.t_max)
+        _check_positive(self, "teacher_shift", "lr")
+        _check_non_negative(self, "cfg_scale")
 
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "KDConfig":

@@ -166,7 +166,7 @@ def generate(cfg: QualityConfig, kind: str, path: str, seed: int, method: tuple 
 
 def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, method: tuple | None = None) -> dict:
     """Scores of one generator on the evaluation prompts with this seed's noise."""
-    ref = torch.load(out / "classifier.pt")
+    ref = torch.load(out / "classifier.pt", weights_only=True)
     clf = AttributeClassifier(cfg.frames)
     clf.load_state_dict(ref["state"])
     real = RealReference(ref["feats"], ref["scale"])

@@ -2,7 +2,10 @@
 
     tmd-plan wan14b_tmd_n4h5_m1 --world 64 --device-memory 80 model.init=/ckpt/stage1/export
 
-Exit 0 when the layout is valid (and fits, if --device-memory is given), 2 otherwise; nothing is started.
+Checks what tmd-train checks before it builds a model: the recipe and layout, and the files the run reads (teacher
+and init checkpoints, the negative-prompt embedding, the shards against the recipe), so a typo is caught before the
+job queues. --layout-only skips the files (e.g. planning stage 2 before stage 1 has run). Exit 0 when everything is
+valid (and fits, if --device-memory is given), 2 otherwise; nothing is started or written.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ def main(argv=None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tmd_megatron.training.config import RecipeError, compose, resolve
+    from tmd_megatron.training.config import RecipeError, compose, describe_error, resolve
+    from tmd_megatron.training.inputs import check_inputs
     from tmd_megatron.training.plan import plan_recipe
 
     p = argparse.ArgumentParser(prog="tmd-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,12 +26,18 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="hydra overrides, as for tmd-train")
     p.add_argument("--world", type=int, required=True, help="number of processes (nodes x GPUs per node)")
     p.add_argument("--device-memory", type=float, default=None, help="GiB per device; refuse what does not fit")
+    p.add_argument("--layout-only", action="store_true",
+                   help="do not look at the teacher, init, negative-prompt and shard files")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if args.world < 1 or (args.device_memory is not None and args.device_memory <= 0):
+        p.error(f"--world {args.world} must be >= 1 and --device-memory positive")
     try:
         res = resolve(compose([f"experiment={args.recipe}", *args.overrides]))
         plan = plan_recipe(res, args.world, args.device_memory)
+        if not args.layout_only and not plan.problems:
+            plan.problems += check_inputs(res, out_dir_writable=False)
     except (RecipeError, ValueError, HydraException, OmegaConfBaseException) as err:
-        print(f"tmd-plan: {err}", file=sys.stderr)
+        print(f"tmd-plan: {describe_error(err)}", file=sys.stderr)
         return 2
     if plan.rows:
         r = res.raw.parallel

@@ -1,4 +1,5 @@
-"""tmd-preprocess: build training shards (videos, teacher samples, KD pairs, the synthetic task) and check them.
+"""tmd-preprocess: build training shards (videos, teacher samples, KD pairs, the synthetic task), the negative-prompt
+embedding every real recipe reads (data.negative), and check shards.
 
 Multi-process runs (torchrun / srun) read RANK and WORLD_SIZE from the environment: each rank writes its own
 shards, and a finished shard is never redone, so rerunning the same command resumes.
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from tmd_megatron.data.preprocess import PreprocessError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,7 +32,7 @@ def _ranks() -> tuple[int, int]:
 def _device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("tmd-preprocess: --device cuda but no CUDA device is visible; use --device cpu")
+            raise PreprocessError("--device cuda but no CUDA device is visible; use --device cpu")
         return torch.device("cuda", _env("LOCAL_RANK", "SLURM_LOCALID", default=0))
     return torch.device(name)
 
@@ -87,9 +90,15 @@ def cmd_teacher(args) -> int:
     else:
         encode = _prompt_encoder(args, model.config.text_len)
         negative = WAN_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    shape = tuple(int(n) for n in args.latent_shape.split(","))
-    if len(shape) != 4:
-        raise SystemExit(f"tmd-preprocess: --latent-shape {args.latent_shape}: give C,F,H,W, e.g. 16,21,60,104")
+    try:
+        shape = tuple(int(n) for n in args.latent_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise PreprocessError(f"--latent-shape {args.latent_shape}: give C,F,H,W, e.g. 16,21,60,104")
+    if args.steps < 1 or args.guidance < 0 or args.shift <= 0:
+        raise PreprocessError(f"--steps {args.steps} must be >= 1, --guidance {args.guidance} >= 0 and --shift "
+                              f"{args.shift} positive")
     n = generate_teacher_data(
         model, _read_prompts(args.prompts), encode, encode([negative])[0], args.out, latent_shape=shape,
         steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed, batch_size=args.batch_size,
@@ -101,9 +110,32 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+def cmd_negative(args) -> int:
+    """The umT5 embedding [L, 4096] of the negative prompt (Wan's own by default: the paper's Table 8 prints its
+    English translation) for CFG and condition dropout; the recipes read it through data.negative."""
+    from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT
+
+    if args.out.exists():
+        raise PreprocessError(f"{args.out} exists: choose another file (or delete it first)")
+    if args.text_len < 1:
+        raise PreprocessError(f"--text-len {args.text_len} must be >= 1 (Wan: 512)")
+    encoder = _prompt_encoder(args, args.text_len)
+    embedding = encoder([WAN_NEGATIVE_PROMPT if args.prompt is None else args.prompt])[0].float().cpu().contiguous()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    torch.save(embedding, tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: negative-prompt embedding {list(embedding.shape)} (text rows x width); "
+          f"use data.negative={args.out} (or TMD_NEGATIVE={args.out})")
+    return 0
+
+
 def cmd_synthetic(args) -> int:
     from tmd_megatron.data.synthetic import SyntheticTask
 
+    if args.num_samples < 1 or args.samples_per_shard < 1:
+        raise PreprocessError(f"--num-samples {args.num_samples} and --samples-per-shard {args.samples_per_shard} "
+                              "must be >= 1")
     task = SyntheticTask(frames=args.frames, size=args.size, text_dim=args.text_dim, image_dim=args.image_dim,
                          image_len=args.image_len)
     paths = task.write_shards(args.out, args.num_samples, args.seed, args.samples_per_shard, DTYPES[args.dtype],
@@ -115,8 +147,14 @@ def cmd_synthetic(args) -> int:
 def cmd_index(args) -> int:
     from tmd_megatron.data.format import build_index
 
+    import tarfile
+
     for tar in args.tars:
-        print(f"{tar}: indexed {build_index(tar)} samples")
+        try:
+            n = build_index(tar)
+        except (tarfile.TarError, EOFError) as err:
+            raise PreprocessError(f"{tar} is not a readable tar file ({err}): index only complete shard tars") from None
+        print(f"{tar}: indexed {n} samples")
     return 0
 
 
@@ -188,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     t.set_defaults(func=cmd_teacher)
 
+    n = sub.add_parser("negative", help="the umT5 embedding of the negative prompt, for data.negative / TMD_NEGATIVE")
+    n.add_argument("text_encoder", help="transformers UMT5EncoderModel folder (Wan2.1's umT5-XXL)")
+    n.add_argument("out", type=Path, help="file to write (must not exist), e.g. /data/tmd/negative_prompt.pt")
+    n.add_argument("--text-len", type=int, default=512, help="the model's text_len (Wan: 512)")
+    n.add_argument("--prompt", default=None, help="default: Wan2.1's negative prompt (the paper's Table 8)")
+    text(n)
+    n.set_defaults(func=cmd_negative)
+
     s = sub.add_parser("synthetic", help="the synthetic text-to-video task as shards")
     s.add_argument("out", type=Path)
     s.add_argument("--num-samples", type=int, required=True)
@@ -213,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import tarfile
+
     from tmd_megatron.data.format import ShardError
-    from tmd_megatron.data.preprocess import PreprocessError
+    from tmd_megatron.models.wan.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -229,8 +277,11 @@ def main(argv=None) -> int:
         code = args.func(args)
         if distributed:
             torch.distributed.barrier()
-    except (ShardError, PreprocessError) as err:
-        print(f"tmd-preprocess: {err}", file=sys.stderr)
+    except (ShardError, PreprocessError, CheckpointError, tarfile.TarError, OSError, ValueError) as err:
+        # OSError: a missing manifest, prompts file or output path; ValueError: an argument a builder refuses
+        # (e.g. an odd synthetic --size)
+        text = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"tmd-preprocess: {text}", file=sys.stderr)
         code = 2
     finally:
         if distributed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,9 +76,6 @@ def _image_condition(a, p, cfg, task, latent, n: int):
 
 
 def main(argv=None) -> int:
-    from tmd_megatron.training.export import STUDENT_JSON, load_student
-    from tmd_megatron.training.sampling import SAMPLER_JSON, SamplerConfig, sample
-
     p = argparse.ArgumentParser(prog="tmd-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="TMD student export or Wan checkpoint directory")
     p.add_argument("--prompts", nargs="*", default=[])
@@ -101,7 +99,53 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (Wan's inference precision) on the device")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    try:
+        return _sample(p, a)
+    except (ValueError, OSError) as err:  # CheckpointError and RecipeError are ValueErrors
+        text = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"tmd-sample: {text}", file=sys.stderr)
+        return 2
 
+
+# Wan's sampler runs on a 1000-step training schedule: more steps than that only repeat times.
+MAX_TEACHER_STEPS = 1000
+OUTPUT = re.compile(r"^\d{4}\.(pt|mp4)$")
+
+
+def _latent(text: str | None, task, channels: int, patch) -> tuple:
+    """--latent C,F,H,W checked against the model (C: its latent channels, out_dim; an I2V model's in_dim adds the
+    conditioning). Default: Wan2.1's 81 frames at 832x480 (16 channels), Wan2.2 TI2V's 121 at 1280x704 (48)."""
+    if text is None:
+        return task.latent_shape if task else {48: (48, 31, 44, 80)}.get(channels, (16, 21, 60, 104))
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"--latent {text}: give four positive sizes C,F,H,W, e.g. 16,21,60,104")
+    if shape[0] != channels or any(n % k for n, k in zip(shape[1:], patch)):
+        raise ValueError(f"--latent {text}: the model takes {channels} channels and F,H,W divisible by {tuple(patch)}")
+    return shape
+
+
+def _sample(p, a) -> int:
+    from tmd_megatron.training.export import STUDENT_JSON, load_student
+    from tmd_megatron.training.sampling import SAMPLER_JSON, SamplerConfig, sample
+
+    for name in ("outer_steps", "inner_steps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    if not 1 <= a.teacher_steps <= MAX_TEACHER_STEPS:
+        p.error(f"--teacher-steps {a.teacher_steps}: use 1..{MAX_TEACHER_STEPS} (Wan's default is 50)")
+    if a.cfg_scale < 0:
+        p.error(f"--cfg-scale {a.cfg_scale} must be >= 0")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible; use --device cpu")
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(not OUTPUT.match(f.name) for f in out.iterdir())):
+        p.error(f"--out {out} exists and holds other files than samples (NNNN.pt/.mp4): choose a new directory")
+    if a.prompts_file and not Path(a.prompts_file).is_file():
+        p.error(f"--prompts-file {a.prompts_file} does not exist")
     prompts = list(a.prompts) + (Path(a.prompts_file).read_text().splitlines() if a.prompts_file else [])
     prompts = [q for q in prompts if q.strip()]
     if not prompts:
@@ -109,6 +153,8 @@ def main(argv=None) -> int:
     if not (a.synthetic or a.umt5):
         p.error("choose a text encoder: --synthetic (the synthetic task) or --umt5 <dir>")
     model_dir = Path(a.model)
+    if not model_dir.is_dir():
+        p.error(f"{model_dir} does not exist: give a TMD student export (<run>/export) or a Wan checkpoint directory")
     is_student = (model_dir / STUDENT_JSON).exists()
     kind = a.sampler or ("tmd" if is_student else "dmd2v")
     if kind == "tmd" and not is_student:
@@ -116,11 +162,14 @@ def main(argv=None) -> int:
     from tmd_megatron.models.wan import WanExperts, WanModel
     from tmd_megatron.models.wan.checkpoint import expert_dirs
 
-    if is_student:
-        model = load_student(model_dir, device=a.device)
-    else:
-        loader = WanExperts if expert_dirs(model_dir) is not None else WanModel  # A14B: experts switch by t
-        model = loader.from_pretrained(model_dir, device=a.device)
+    try:
+        if is_student:
+            model = load_student(model_dir, device=a.device)
+        else:
+            loader = WanExperts if expert_dirs(model_dir) is not None else WanModel  # A14B: experts switch by t
+            model = loader.from_pretrained(model_dir, device=a.device)
+    except (TypeError, KeyError, RuntimeError) as err:  # a student.json or extras of another version
+        raise ValueError(f"{model_dir} is not a complete TMD student export ({type(err).__name__}: {err})") from None
     model.eval()
     wan_cfg = model.wan.config if is_student else model.config
     task = None
@@ -136,9 +185,7 @@ def main(argv=None) -> int:
         contexts, negative = enc(prompts), enc([WAN_NEGATIVE_PROMPT])[0]
     width = max(c.shape[0] for c in contexts)
     ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float().to(a.device)
-    # defaults: Wan2.1's 81 frames at 832x480 (16 channels), Wan2.2 TI2V's 121 frames at 1280x704 (48 channels)
-    default = {48: (48, 31, 44, 80)}.get(wan_cfg.out_dim, (16, 21, 60, 104))
-    latent = tuple(int(v) for v in a.latent.split(",")) if a.latent else (task.latent_shape if task else default)
+    latent = _latent(a.latent, task, wan_cfg.out_dim, wan_cfg.patch_size)
     trained = model_dir / SAMPLER_JSON
     cfg = SamplerConfig(**json.loads(trained.read_text())) if trained.exists() else SamplerConfig()
     chosen = {"outer_steps": a.outer_steps, "inner_steps": a.inner_steps}
@@ -146,10 +193,12 @@ def main(argv=None) -> int:
                               **{k: v for k, v in chosen.items() if v is not None})
     cond = _image_condition(a, p, wan_cfg, task, latent, len(prompts))
     cond = None if cond is None else cond.to(a.device)
+    evals = {"tmd": f"M={cfg.outer_steps}, N={cfg.inner_steps}", "dmd2v": f"M={cfg.outer_steps}",
+             "teacher": f"{cfg.teacher_steps} CFG steps"}[kind]
+    print(f"sampling {len(prompts)} prompt(s) with the {kind} sampler ({evals}) on {a.device}", flush=True)
     with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.bf16):
         x, nfe = sample(kind, model, ctx, negative.float().to(a.device), latent, cfg, a.seed, cond=cond)
     x = x.float()
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     videos = None
     if a.vae:

@@ -232,14 +232,43 @@ def open_shard(tar_path: Path | str) -> ShardInfo:
         index = json.loads(idx.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"index {idx} is not valid JSON ({err})") from None
+    if not isinstance(index, dict):
+        raise ShardError(f"index {idx} is not a shard index (a JSON object)")
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         raise ShardError(f"index {idx.name}: format {index.get('format')!r} v{index.get('version')}, this reader "
                          f"reads {FORMAT_NAME!r} v{FORMAT_VERSION}")
     size = tar_path.stat().st_size
-    if size != index["tar_bytes"]:
-        raise ShardError(f"shard {tar_path.name} is {size} bytes, its index says {index['tar_bytes']}: "
+    if size != index.get("tar_bytes"):
+        raise ShardError(f"shard {tar_path.name} is {size} bytes, its index says {index.get('tar_bytes')}: "
                          f"truncated or rewritten")
+    _check_entries(index.get("samples"), size, idx)
     return ShardInfo(tar_path, index["samples"])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entries(samples, tar_bytes: int, idx: Path) -> None:
+    """Every number a reader will use, checked before any is used: member extents inside the tar (a reader
+    allocates `size` bytes before the CRC can say anything) and the described shapes."""
+    fix = f"rebuild it with `tmd-preprocess index {str(idx)[: -len(INDEX_SUFFIX)]}`"
+    if not isinstance(samples, list):
+        raise ShardError(f"index {idx.name} has no sample list: {fix}")
+    for n, e in enumerate(samples):
+        ok = isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("members"), dict)
+        ok = ok and all(m in e["members"] for m in REQUIRED_MEMBERS)
+        ok = ok and isinstance(e.get("latent_shape"), list) and len(e["latent_shape"]) == 4 and all(
+            _is_int(d) and d > 0 for d in e["latent_shape"])
+        ok = ok and all(_is_int(e.get(k)) and e[k] > 0 for k in ("context_len", "text_dim"))
+        ok = ok and e.get("latent_dtype") in TORCH_DTYPES and e.get("context_dtype") in TORCH_DTYPES
+        if not ok:
+            raise ShardError(f"index {idx.name}: sample {n} is not a valid entry: {fix}")
+        for ext, where in e["members"].items():
+            if not (isinstance(where, list) and len(where) == 3 and all(_is_int(v) and v >= 0 for v in where)
+                    and where[0] + where[1] <= tar_bytes):
+                raise ShardError(f"index {idx.name}: sample {e['key']!r} member {ext} {where} lies outside the "
+                                 f"{tar_bytes}-byte tar: {fix}")
 
 
 def read_members(f, shard_name: str, entry: dict) -> dict[str, bytes]:

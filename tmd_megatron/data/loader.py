@@ -24,7 +24,8 @@ def make_loader(shards, batch_size: int, dp_rank: int = 0, dp_size: int = 1, see
         raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
-    stream = SampleStream(ShardSet(shards, on_corrupt), seed, dp_rank, dp_size, start, num_epochs)
+    shard_set = shards if isinstance(shards, ShardSet) else ShardSet(shards, on_corrupt)  # opened already: reused
+    stream = SampleStream(shard_set, seed, dp_rank, dp_size, start, num_epochs)
     if backend == "torch":
         if device_id is not None:
             raise ValueError("device_id places batches on a GPU through DALI; with backend='torch' move them "

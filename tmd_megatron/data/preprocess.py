@@ -108,7 +108,10 @@ class WanVAE:
     def from_pretrained(cls, path, **kwargs) -> "WanVAE":
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(str(path)), **kwargs)
+        if not Path(path).is_dir():  # diffusers would take the name for a hub repository
+            raise PreprocessError(f"VAE folder {path} does not exist: give the local AutoencoderKLWan folder "
+                                  "(e.g. <Wan2.1-T2V-14B-Diffusers>/vae; nothing is downloaded)")
+        return cls(AutoencoderKLWan.from_pretrained(str(path), local_files_only=True), **kwargs)
 
     @torch.no_grad()
     def encode(self, video_B_3_F_H_W: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,8 @@ class ShardSet:
                 self.report(err)
         self.entries = [(s, i) for s in range(len(self.shards)) for i in range(len(self.shards[s].samples))]
         if not self.entries:
-            raise ShardError(f"no readable samples in {shards}")
+            why = f" ({'; '.join(self.skipped[:3])})" if self.skipped else ""
+            raise ShardError(f"no readable samples in {shards}{why}")
         self._check_uniform()
         self._files: dict[int, object] = {}
 

@@ -53,10 +53,16 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, encoder_dir, tokenizer_dir=None, **kwargs) -> "PromptEncoder":
+        from pathlib import Path
+
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or encoder_dir))
-        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir))
+        for what, folder in (("text encoder", encoder_dir), ("tokenizer", tokenizer_dir or encoder_dir)):
+            if not Path(folder).is_dir():  # transformers would take the name for a hub repository
+                raise ValueError(f"{what} folder {folder} does not exist: give the local folder of Wan's umT5 "
+                                 "(UMT5EncoderModel and its tokenizer; nothing is downloaded)")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or encoder_dir), local_files_only=True)
+        encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), local_files_only=True)
         return cls(tokenizer, encoder, **kwargs)
 
     @torch.no_grad()
@@ -69,3 +75,31 @@ class PromptEncoder:
         hidden = self.encoder(tokens.input_ids.to(self.device), mask).last_hidden_state
         lengths = mask.gt(0).sum(dim=1).tolist()
         return [h[:n].to("cpu", self.dtype) for h, n in zip(hidden, lengths)]
+
+
+def load_negative_embedding(path, text_dim: int, text_len: int) -> torch.Tensor:
+    """The negative-prompt embedding [L, text_dim] (L <= text_len) a real recipe's data.negative names, as written by
+    `tmd-preprocess negative`. Read with torch.load(weights_only=True): a file holding anything but tensors is
+    refused, never executed. Raises ValueError naming the problem and the fix."""
+    import pickle
+    from pathlib import Path
+
+    path = Path(path)
+    fix = "write it with `tmd-preprocess negative <umT5 dir> <file>` and set data.negative to that file"
+    if not path.is_file():
+        raise ValueError(f"data.negative={path} does not exist: {fix}")
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"data.negative={path} is not a tensor file that torch.load(weights_only=True) accepts "
+                         f"({first}): {fix}") from None
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+        got = f"a {tuple(t.shape)} {t.dtype} tensor" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+        raise ValueError(f"data.negative={path} holds {got}; expected float rows [L, {text_dim}]: {fix}")
+    if t.shape[1] != text_dim or not 1 <= t.shape[0] <= text_len:
+        raise ValueError(f"data.negative={path} is [{t.shape[0]}, {t.shape[1]}], the model takes [<= {text_len}, "
+                         f"{text_dim}] (text_len, text_dim): it was encoded for another model; {fix}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"data.negative={path} has NaN/Inf values: {fix}")
+    return t.float()

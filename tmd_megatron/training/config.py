@@ -115,7 +115,7 @@ class MethodSection:
 @dataclass
 class DataSection:
     source: str = "synthetic"  # synthetic | shards
-    shards: list = field(default_factory=list)
+    shards: Any = field(default_factory=list)  # a directory, glob or .tar path, or a list of them
     loader: str = "torch"  # torch | dali
     global_batch: int = 8
     on_corrupt: str = "raise"  # raise | skip
@@ -204,10 +204,37 @@ def _plain(d) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d).items() if v is not None}
 
 
+# Free-form dicts of the schema: any key is meaningful there (checked later against WanConfig or the task).
+FREE_FORM = ("meta", "model.overrides", "data.synthetic")
+
+
+def unknown_keys(cfg: dict, cls=None, prefix: str = "") -> list[str]:
+    """Recipe keys the schema does not have. Hydra lets `+key=value` (and a key in an experiment yaml) add them,
+    and they would be dropped without a word."""
+    import typing
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        if k not in hints:
+            out.append(path)
+        elif isinstance(v, dict) and dataclasses.is_dataclass(hints[k]) and path not in FREE_FORM:
+            out += unknown_keys(v, hints[k], path + ".")
+    return out
+
+
 def to_schema(cfg: Any) -> TrainConfig:
     """A composed DictConfig (or a TrainConfig) as a TrainConfig object, with interpolations resolved."""
     if isinstance(cfg, TrainConfig):
         return cfg
+    if OmegaConf.is_config(cfg):
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        unknown = unknown_keys({k: v for k, v in plain.items() if k != "hydra"})
+        if unknown:
+            raise RecipeError(f"unknown recipe keys {unknown}: check the spelling against recipes/train.yaml and "
+                              "training/config.py (keys added with + are not read by anything)")
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     return OmegaConf.to_object(merged)
 
@@ -259,11 +286,16 @@ def resolve(cfg: Any) -> Resolved:
 
 
 def recipe_dir():
-    """recipes/ next to the package (editable installs, the container) or $TMD_RECIPES."""
+    """$TMD_RECIPES, else recipes/ of the source checkout this package runs from (editable installs), else the
+    copy shipped inside the package (tmd_megatron/recipes/, what a wheel or a non-editable install has)."""
     import os
     from pathlib import Path
 
-    return Path(os.environ.get("TMD_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
+    if os.environ.get("TMD_RECIPES"):
+        return Path(os.environ["TMD_RECIPES"])
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "recipes"
+    return checkout if (checkout / "train.yaml").exists() else package / "recipes"
 
 
 def compose(overrides=(), config_name: str = "train"):
@@ -285,3 +317,16 @@ def num_microbatches(res: "Resolved", dp: int) -> int:
     if p.micro_batch_size:
         return max(1, local // p.micro_batch_size)
     return p.microbatches
+
+
+def describe_error(err: BaseException) -> str:
+    """An error's text for the operator. Hydra's answer to a misspelt key suggests adding it with `+`, which
+    would only add a key nothing reads (refused by `to_schema`): name the spelling instead."""
+    import re
+
+    text = str(err)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "+" in text:
+        return (f"{m.group(1)} is not a recipe key: check its spelling (the keys are in training/config.py; "
+                "`tmd-plan <recipe> --world N` shows whether a recipe composes)")
+    return text

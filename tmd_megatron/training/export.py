@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from tmd_megatron.models.student import StudentConfig
 from tmd_megatron.models.wan import WanConfig, WanModel
 from tmd_megatron.models.wan.checkpoint import WanCheckpoint
-from tmd_megatron.models.wan.saving import atomic_replace_dir, save_wan
+from tmd_megatron.models.wan.saving import (CheckpointError, atomic_replace_dir, is_replaceable, make_group_readable,
+                                            save_wan)
 
 from .config import RecipeError
+from .views import Prefixed
 
 STUDENT_JSON = "student.json"
 EXTRAS = "extras.safetensors"
@@ -38,6 +40,8 @@ def write_export(out: Path, wan_cfg: WanConfig, state: Mapping, student_cfg: Stu
     if student_cfg is None:
         save_wan(_wan_from_state(wan_cfg, state), out, format=fmt)
         return
+    if not is_replaceable(out):
+        raise CheckpointError(f"{out} exists and holds files that are not an export's: refusing to replace it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -47,6 +51,7 @@ def write_export(out: Path, wan_cfg: WanConfig, state: Mapping, student_cfg: Stu
     extras = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith("wan.")}
     save_file(extras, tmp / EXTRAS)
     (tmp / STUDENT_JSON).write_text(json.dumps(dataclasses.asdict(student_cfg), indent=2))
+    make_group_readable(tmp)
     atomic_replace_dir(tmp, out)
 
 
@@ -63,8 +68,6 @@ def read_student_export(path, wan_cfg: WanConfig, student_cfg: StudentConfig) ->
     wan = WanCheckpoint(path / "wan", WanModel)
     if wan.config != wan_cfg:
         raise RecipeError(f"the student export {path} holds a {wan.config} model, the recipe asks for {wan_cfg}")
-    from .roles import Prefixed
-
     return Prefixed(wan, "wan.", load_file(path / EXTRAS))
 
 

@@ -271,6 +271,13 @@ def check_recipe(res, world: int, device_memory_gib: float | None = None, here: 
         problems.append("run.ckpt_every must be >= 0 and run.log_every >= 1")
     if r.run.hang_dump_s < 0:
         problems.append(f"run.hang_dump_s={r.run.hang_dump_s} must be >= 0 (seconds; 0 disables the stack dump)")
+    if r.run.keep_last < 1 or res.max_steps < 1 or r.run.sample_every < 0:
+        problems.append(f"run.keep_last={r.run.keep_last} and run.max_steps={res.max_steps} must be >= 1, "
+                        f"run.sample_every={r.run.sample_every} >= 0")
+    fm = r.method.flow_matching
+    if r.method.name == "flow_matching" and (fm.t_shift <= 0 or not 0 <= fm.cond_dropout <= 1):
+        problems.append(f"method.flow_matching: t_shift={fm.t_shift} must be positive, cond_dropout="
+                        f"{fm.cond_dropout} in [0, 1]")
     if res.tm_mf is not None and res.tm_mf.jvp == "exact" and r.parallel.pp > 1:
         problems.append("method.tm_mf.jvp=exact needs parallel.pp=1: use the finite difference (jvp=fd)")
     if r.parallel.schedule not in ("1f1b", "gpipe"):

@@ -27,32 +27,10 @@ from tmd_megatron.parallel import Topology, build_stage_model, partition_blocks,
 from tmd_megatron.parallel.sharding import load_full_state
 
 from .config import RecipeError, Resolved
+from .export import read_student_export
+from .views import Prefixed
 
 FP32_MODULES = ("time_embedding", "time_projection", "head")  # the original runs these in fp32 (WAN_SPEC §2.7)
-
-
-class Prefixed(Mapping):
-    """A view of a state mapping with every key prefixed (the student's Wan weights live under `wan.`)."""
-
-    def __init__(self, inner: Mapping, prefix: str, extra: Mapping | None = None):
-        self.inner, self.prefix, self.extra = inner, prefix, dict(extra or {})
-
-    def __getitem__(self, key):
-        if key in self.extra:
-            return self.extra[key]
-        if key.startswith(self.prefix):
-            return self.inner[key[len(self.prefix):]]
-        raise KeyError(key)
-
-    def __iter__(self):
-        yield from (self.prefix + k for k in self.inner.keys())
-        yield from self.extra
-
-    def __len__(self):
-        return len(self.inner) + len(self.extra)
-
-    def __contains__(self, key):
-        return key in self.extra or (key.startswith(self.prefix) and key[len(self.prefix):] in self.inner)
 
 
 def stage_ranges(res: Resolved, pp: int) -> list[tuple[int, int]]:
@@ -173,8 +151,6 @@ def student_extras(cfg: WanConfig, student_cfg, seed: int) -> dict[str, torch.Te
 
 def read_student_init(path, res: Resolved) -> Mapping:
     """model.init: a Wan checkpoint, or a TMD student export (Wan weights + extras) for a decoupled student."""
-    from .export import read_student_export
-
     if res.student is not None:
         return read_student_export(path, res.wan, res.student)
     return WanCheckpoint(path, WanModel)

@@ -15,11 +15,11 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from tmd_megatron.algorithms.timesteps import is_student_step
@@ -28,11 +28,14 @@ from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 from . import checkpoint as ckpt
 from .conditioning import image_condition_of
 from .config import RecipeError, Resolved, num_microbatches
+from .inputs import make_data
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
 from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_mf_step
 from .roles import Roles, build_roles
+from .run_dir import archive_outputs, banner, check_compatible, summary
+from .safe_dcp import UntrustedCheckpoint
 from .sampling import SAMPLER_JSON, sampler_config_of
 from .state import TIED, ZeroState, device_mesh, ema_state, module_state
 from .tied import retie_weights, sum_tied_grads
@@ -69,53 +72,8 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the CLI exits with REQUEUE_EXIT."""
 
 
-@dataclass
-class Data:
-    loader: object
-    negative: torch.Tensor
-
-
 def _autocast_dtype(res: Resolved):
     return {"fp32": None, "bf16": torch.bfloat16}[res.raw.model.compute_dtype]
-
-
-def make_data(res: Resolved, topo: Topology, start: dict | None) -> Data:
-    from tmd_megatron.data import make_loader
-
-    d = res.raw.data
-    dp = topo.dp.size
-    if d.global_batch % dp:
-        raise RecipeError(f"data.global_batch={d.global_batch} is not divisible by the {dp} data-parallel ranks")
-    local = d.global_batch // dp
-    m = num_microbatches(res, dp)
-    if local % m:
-        raise RecipeError(f"the per-rank batch {local} is not divisible into {m} microbatches: change "
-                          "parallel.microbatches / parallel.micro_batch_size or data.global_batch")
-    if d.source == "synthetic":
-        from tmd_megatron.data.synthetic import SyntheticTask
-
-        syn = dict(d.synthetic)
-        task = SyntheticTask(frames=syn.get("frames", 3), size=syn.get("size", 16), text_dim=res.wan.text_dim,
-                             image_dim=res.wan.image_dim, image_len=res.wan.image_len)
-        shard_dir = Path(res.raw.run.out_dir) / "data"
-        if topo.world.rank == 0:  # I2V models read the first frame's conditioning latent (and image tokens)
-            task.write_shards(shard_dir, syn.get("num_samples", 256), syn.get("seed", 0),
-                              image=res.wan.model_type == "i2v")
-        if dist.is_initialized():
-            dist.barrier()
-        shards, negative = shard_dir, task.encode_text("")
-    elif d.source == "shards":
-        shards = d.shards
-        negative = None
-    else:
-        raise RecipeError(f"data.source={d.source!r}; choose 'synthetic' or 'shards'")
-    if d.negative != "zeros" and d.source == "shards":
-        negative = torch.load(d.negative, map_location="cpu")
-    if negative is None:
-        negative = torch.zeros(1, res.wan.text_dim)
-    loader = make_loader(shards, local, topo.dp.rank, dp, res.raw.run.seed, d.loader, start=start,
-                         text_len=res.wan.text_len, on_corrupt=d.on_corrupt)
-    return Data(loader, negative.float())
 
 
 class Trainer:
@@ -145,9 +103,10 @@ class Trainer:
         cpu = device_mesh(topo, "cpu") if self.mesh is not None else None
         self.tp_cpu_mesh = cpu["tp"] if cpu is not None else None
         self.stop_signal = False
-        self.logger = MetricLogger(self.out, res.max_steps, enabled=topo.world.rank == 0,
-                                   tensorboard=run.tensorboard, wandb_project=run.wandb_project,
-                                   config=OmegaConf.to_container(OmegaConf.structured(res.raw)), stream=stream)
+        self._logger_args = dict(enabled=topo.world.rank == 0, tensorboard=run.tensorboard,
+                                 wandb_project=run.wandb_project, stream=stream,
+                                 config=OmegaConf.to_container(OmegaConf.structured(res.raw)))
+        self.logger = None  # opened by start(), after an earlier run's logs are moved aside
         self.data = None
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -185,6 +144,7 @@ class Trainer:
             raise ckpt.ResumeError(f"{path} was written by method {meta.get('method')!r}, this run is "
                                    f"{self.res.method!r}: use another run.out_dir or run.resume=never")
         state, zs = self.state(for_load=True)
+        check_compatible(path, state, meta, self.res, self.topo)
         meta = ckpt.load_checkpoint(path, state)
         for role, z in zs.items():
             z.scatter(state["optim"][role])
@@ -294,21 +254,41 @@ class Trainer:
         return "SIGUSR1/SIGTERM" if signalled else None
 
     def start(self) -> None:
-        """Resume from the run's latest checkpoint (per run.resume) and open this DP rank's data stream."""
+        """Resume from the run's latest checkpoint (per run.resume; a checkpoint that fails to load falls back to
+        the one before, said in the banner), move an earlier run's outputs aside on a fresh start, and open this
+        DP rank's data stream."""
         run = self.res.raw.run
+        ckpt_dir = self.out / "checkpoints"
+        candidates, notes = ([], []) if run.resume == "never" else ckpt.resume_candidates(
+            ckpt_dir, "latest" if run.resume == "auto" else run.resume)
+        meta = path = None
+        for candidate in candidates:
+            try:
+                meta, path = self.load(candidate), candidate
+                break
+            except (ckpt.ResumeError, UntrustedCheckpoint, RecipeError):
+                raise
+            except (Exception, CheckpointException) as err:  # a truncated shard, corrupt meta.json, ...
+                notes.append(f"{candidate.name} cannot be loaded ({ckpt.describe_failure(err)}); trying the one before")
+        if candidates and path is None:
+            raise ckpt.ResumeError(
+                f"none of the checkpoints in {ckpt_dir} can be loaded ({'; '.join(notes)}): restore them, or start "
+                "over with run.resume=never (the broken ones are moved to archive/, nothing is deleted)")
+        archived = None
+        if self.topo.world.rank == 0:
+            archived = archive_outputs(self.out, None if path is None else self.step)
+        if dist.is_initialized():
+            dist.barrier()
         start = None
-        path = None if run.resume == "never" else ckpt.resolve_checkpoint(self.out / "checkpoints",
-                                                                          "latest" if run.resume == "auto" else run.resume)
         if path is not None:
-            meta = self.load(path)
             lay = meta["layout"]
             if lay["dp"] != self.topo.dp.size:
                 raise ckpt.ResumeError(
                     f"{path} was saved with {lay['dp']} data-parallel ranks, this run has {self.topo.dp.size}: the data "
                     "order depends on the DP size; resume with the same number of DP replicas (TP/CP/PP may change)")
             start = meta["loader"].get(str(self.topo.dp.rank))
-            if self.topo.world.rank == 0:
-                print(f"resumed from {path} at step {self.step}", flush=True)
+        self._say(banner(self.res, self.topo, self.out, path, self.step, notes, archived))
+        self.logger = MetricLogger(self.out, self.res.max_steps, **self._logger_args)
         self.data = make_data(self.res, self.topo, start)
         self.data_negative = self.data.negative.to(self.topo.device)
         self.batches = iter(self.data.loader)
@@ -319,6 +299,7 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         self.start()
         t0 = time.monotonic()
+        metrics = {}
         while self.step < self.res.max_steps:
             if run.hang_dump_s > 0:  # re-armed every step: only a step that hangs dumps, to fd 2 (the job log)
                 faulthandler.dump_traceback_later(run.hang_dump_s, exit=False, file=sys.__stderr__)
@@ -337,9 +318,17 @@ class Trainer:
             if run.sample_every and self.step % run.sample_every == 0:
                 self.preview()
         self.save()
-        self.export()
+        export = self.export()
         self.logger.close()
+        self._say(summary(self.res, self.out, export, metrics, self.step))
         return 0
+
+    def _say(self, text: str) -> None:
+        """Operator-facing lines (banner, summary), from rank 0, on the metrics console stream."""
+        if self.topo.world.rank == 0:
+            stream = self._logger_args["stream"] or sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
 
     @torch.no_grad()
     def preview(self) -> None:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from .config import I2V_MASK_CHANNELS, WanConfig
 from .keys import detect_format, diffusers_to_original, strip_prefix
-from .saving import ORIGINAL_CONFIG_FIELDS
+from .saving import ORIGINAL_CONFIG_FIELDS, CheckpointError  # noqa: F401  (re-exported: readers and writers)
 
 EXPERTS = ("high", "low")
 ORIGINAL_EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
@@ -33,9 +33,6 @@ DEFAULT_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
 # task field (its pipeline marks TI2V with expand_timesteps=True in model_index.json).
 TI2V_CHANNELS = 48
 
-
-class CheckpointError(ValueError):
-    pass
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -94,6 +91,10 @@ def _weight_files(ckpt_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"index {indexes[0]} is not a valid safetensors index ({err})") from err
+        outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", "..")})
+        if outside:
+            raise CheckpointError(f"index {indexes[0].name} names shard files outside {ckpt_dir}: {outside[:3]}; a "
+                                  "checkpoint's shards sit next to its index")
         shards = sorted({ckpt_dir / f for f in weight_map.values()})
         missing = [p.name for p in shards if not p.exists()]
         if missing:

@@ -90,6 +90,7 @@ class WanExperts(nn.Module):
     def save_pretrained(self, path, format: str = "original", **kwargs) -> None:
         """Both experts in the release layout of `format` (the boundary in model_index.json for diffusers)."""
         final = Path(path)
+        saving.refuse_unless_replaceable(final)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -98,6 +99,7 @@ class WanExperts(nn.Module):
             expert.save_pretrained(tmp / names[name], format=format, **kwargs)
         if format == "diffusers":
             saving.write_json_atomic(tmp / "model_index.json", {"boundary_ratio": self.boundary})
+        saving.make_group_readable(tmp)
         saving.atomic_replace_dir(tmp, final)
 
 

@@ -13,6 +13,10 @@ from safetensors.torch import save_file
 from .config import WanConfig
 from .keys import key_maps
 
+class CheckpointError(ValueError):
+    pass
+
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 ORIGINAL_CONFIG_FIELDS = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads",
@@ -70,6 +74,44 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list
     return shards
 
 
+# What a checkpoint or export directory written by us holds; a directory holding anything else is not replaced.
+WRITTEN_NAMES = ("config.json", "student.json", "sampler.json", "extras.safetensors", "model_index.json")
+# Sub-directories we write: a TMD export's Wan weights, the two experts of an A14B checkpoint (both layouts).
+WRITTEN_DIRS = ("wan", "high_noise_model", "low_noise_model", "transformer", "transformer_2")
+
+
+def is_replaceable(final: Path) -> bool:
+    """True if `final` is missing, empty, or holds only what a Wan checkpoint / TMD export holds (our writers'
+    file names), so replacing it cannot delete anything else."""
+    if not final.exists():
+        return True
+    if not final.is_dir() or final.is_symlink():
+        return False
+    for entry in final.iterdir():
+        name = entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if name not in WRITTEN_DIRS or not is_replaceable(entry):
+                return False
+        elif not (name in WRITTEN_NAMES or (name.startswith("diffusion_pytorch_model") and name.endswith(
+                (".safetensors", ".safetensors.index.json")))):
+            return False
+    return True
+
+
+def refuse_unless_replaceable(final: Path) -> None:
+    if not is_replaceable(final):
+        raise CheckpointError(f"{final} exists and holds files that are not a checkpoint's: refusing to replace it "
+                              "(nothing was written); choose a new directory")
+
+
+def make_group_readable(root: Path) -> None:
+    """Give written files the modes the umask allows (safetensors creates 0600 files), so a group can read exports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Put a finished directory in place; the old one is removed only after the new one is there."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -83,6 +125,7 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
 def save_wan(model, path, format: str = "original", max_shard_bytes: int | None = None, dtype=None) -> None:
     cfg_dict = config_json(model.config, format)
     final = Path(path)
+    refuse_unless_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -106,6 +149,7 @@ def save_wan(model, path, format: str = "original", max_shard_bytes: int | None 
                 total += t.numel() * t.element_size()
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    make_group_readable(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

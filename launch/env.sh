@@ -21,14 +21,15 @@ export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # Multi-node jobs without InfiniBand (e.g. a TCP test cluster) need NCCL_IB_DISABLE=1.
 
 # Hangs leave evidence: NCCL's flight recorder keeps the last collectives of every rank and writes them
-# when the watchdog times a collective out (TORCH_NCCL_DUMP_ON_TIMEOUT), one file per rank under the run
-# directory (decode: python -m torch.distributed.flight_recorder.fr_trace <dir>); the trainer writes every
+# when the watchdog times a collective out (TORCH_NCCL_DUMP_ON_TIMEOUT), one file per rank in the run directory
+# (nccl_trace_rank_<r>; decode: python -m torch.distributed.flight_recorder.fr_trace); the trainer writes every
 # rank's Python stacks to the job log when a step runs past run.hang_dump_s (1500 s by default).
 export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+# The run directory exists by the time a collective can time out (the trainer creates it); nothing is created
+# here, so a launch refused before it starts leaves no trace.
 if [[ -n ${TMD_RUN_DIR:-} && -z ${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-} ]]; then
-    mkdir -p "$TMD_RUN_DIR/hang"
-    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=$TMD_RUN_DIR/hang/nccl_trace_rank_
+    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=$TMD_RUN_DIR/nccl_trace_rank_
 fi
 
 # Interfaces for the socket traffic: gloo carries barriers, object gathers and checkpoint collectives, NCCL

@@ -92,7 +92,8 @@ def test_env_sh_binds_socket_traffic_to_the_interface_that_reaches_the_master(tm
     got = _env_sh(MASTER_ADDR=addr, TMD_RUN_DIR=str(tmp_path))  # the master node: its own address
     assert got["GLOO_SOCKET_IFNAME"] == dev and got["NCCL_SOCKET_IFNAME"] == dev
     assert got["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    assert got["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/hang/nccl_trace_rank_"
+    assert got["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/nccl_trace_rank_"
+    assert not any(tmp_path.iterdir())  # sourcing env.sh creates nothing
     assert _env_sh(MASTER_ADDR="127.0.0.1")["GLOO_SOCKET_IFNAME"] == "lo"  # one node on loopback
     mine = _env_sh(MASTER_ADDR=addr, GLOO_SOCKET_IFNAME="ib7", TMD_SOCKET_IFNAME="bond0")
     assert mine["GLOO_SOCKET_IFNAME"] == "ib7" and mine["NCCL_SOCKET_IFNAME"] == "bond0"  # the operator's wins

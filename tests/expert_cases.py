@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from parallel_cases import (
-    BATCH, CFG, HIDDEN_BLOCK, LATENT, hidden_term, out_term, reference_model, rel_err, rel_errs,
-    run_suite_with_frozen_teacher, sample,
+    BATCH, CFG, HIDDEN_BLOCK, LATENT, hidden_term, out_term, reference_model, rel_err, rel_errs, sample,
 )
+from parallel_suites import run_suite_with_frozen_teacher
 from tmd_megatron.models.wan import WanModel
 from tmd_megatron.parallel import init_topology, parallelize, run_pipeline
 

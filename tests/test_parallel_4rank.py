@@ -3,7 +3,8 @@ timesteps), DP2 combined with TP2 and with CP2, and the seeding rule across real
 import pytest
 
 from multirank import run_ranks
-from parallel_cases import failures, run_suite_with_noise, with_fp64_ac
+from parallel_cases import failures, with_fp64_ac
+from parallel_suites import run_suite_with_noise
 
 pytestmark = pytest.mark.multirank
 

@@ -37,7 +37,8 @@ class RunSection:
     # A file whose appearance asks for "checkpoint and exit 75", like SIGUSR1 (launch/lib.sh writes it): a
     # file cannot kill a rank that is still starting, a signal can (docs/operations.md).
     stop_file: Optional[str] = None
-    # A step that takes longer writes every thread's Python stack of each rank to stderr (the job log), before
+    # A step that takes longer writes every thread's Python stack of each rank to stderr (the job log; a timer
+    # thread, training/hang.py), before
     # the 1800 s collective timeout aborts the job with NCCL's flight-recorder dump (launch/env.sh). 0: never.
     hang_dump_s: float = 1500.0
     tensorboard: bool = True

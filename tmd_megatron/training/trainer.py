@@ -8,7 +8,6 @@ Exit code 75 after a preemption checkpoint asks the launcher to requeue; auto-re
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from tmd_megatron.parallel import Topology, ZeroAdamW, comm, gather_full_state
 from . import checkpoint as ckpt
 from .conditioning import image_condition_of
 from .config import RecipeError, Resolved, num_microbatches
+from .hang import StepWatchdog
 from .inputs import make_data
 from .metrics import MetricLogger
 from .optim import EMA, NonFiniteGuard, lr_factor
@@ -298,13 +298,15 @@ class Trainer:
         for sig in (signal.SIGUSR1, signal.SIGTERM):  # first: a signal while loading stops at the first step
             signal.signal(sig, self._on_signal)
         self.start()
+        watchdog = StepWatchdog(run.hang_dump_s, self.topo.world.rank)
         t0 = time.monotonic()
         metrics = {}
         while self.step < self.res.max_steps:
-            if run.hang_dump_s > 0:  # re-armed every step: only a step that hangs dumps, to fd 2 (the job log)
-                faulthandler.dump_traceback_later(run.hang_dump_s, exit=False, file=sys.__stderr__)
-            metrics = self.advance()
-            faulthandler.cancel_dump_traceback_later()
+            watchdog.arm(self.step + 1)  # only a step that runs past run.hang_dump_s writes the stacks
+            try:
+                metrics = self.advance()
+            finally:
+                watchdog.disarm()
             if self.step % run.log_every == 0 or self.step == self.res.max_steps:
                 metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
                 self.logger.log(self.step, metrics)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmd_megatron.training.metrics import read_metrics
+from tmd_megatron.training.metrics import TIMING_METRICS, read_metrics
 
 pytestmark = pytest.mark.slow
 TRAIN = [sys.executable, "-m", "tmd_megatron.cli.train", "experiment=tiny_smoke", "run.tensorboard=false",
@@ -31,7 +31,7 @@ def _train(out, *extra, wait=True):
 
 
 def _trajectory(out):
-    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in read_metrics(out / "metrics.jsonl")]
 
 
 def _logged(out) -> int:

@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+# Metrics that measure the machine, not the training: left out where runs are compared (resume, layouts).
+TIMING_METRICS = ("step_time_s", "tflops_per_device", "mfu")
+
 
 class MetricLogger:
     def __init__(self, out_dir, total_steps: int, enabled: bool = True, tensorboard: bool = True,

@@ -146,7 +146,9 @@ def banner(res, topo, out: Path, resumed: Path | None, step: int, notes: list[st
 
 
 def summary(res, out: Path, export: Path, metrics: dict, step: int) -> str:
-    shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k != "step_time_s")
+    from .metrics import TIMING_METRICS
+
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k not in TIMING_METRICS)
     export = export.resolve()
     if res.method in ("tm_mf",):
         nxt = f"stage 2: tmd-train experiment=<recipe> method=tmd model.init={export} run.out_dir=<new dir>"

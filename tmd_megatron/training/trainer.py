@@ -30,6 +30,7 @@ from .config import RecipeError, Resolved, num_microbatches
 from .hang import StepWatchdog
 from .inputs import make_data
 from .metrics import MetricLogger
+from .mfu import Throughput
 from .optim import EMA, NonFiniteGuard, lr_factor
 from .passes import Passes
 from .programs import Micro, Step, flow_matching_step, kd_step, stage2_step, tm_mf_step
@@ -98,6 +99,7 @@ class Trainer:
         self.base_lr = lrs
         self.ema = EMA(self.roles.student, o.ema_decay) if o.ema_decay > 0 else None
         self.guard = NonFiniteGuard(run.max_skipped_steps)
+        self.throughput = Throughput(res, topo.world.size, topo.device)
         self.step = 0
         self.mesh = device_mesh(topo)
         cpu = device_mesh(topo, "cpu") if self.mesh is not None else None
@@ -224,7 +226,9 @@ class Trainer:
     def advance(self) -> dict:
         """One training step on the next batch."""
         self.last_batch = next(self.batches)
+        generator = "student" in self.updates_this_step()
         metrics = self.train_step(self.last_batch)
+        self.throughput.count(generator, tuple(self.last_batch["latent"].shape[2:]))
         self.step += 1
         return metrics
 
@@ -308,7 +312,9 @@ class Trainer:
             finally:
                 watchdog.disarm()
             if self.step % run.log_every == 0 or self.step == self.res.max_steps:
-                metrics["step_time_s"] = (time.monotonic() - t0) / max(1, run.log_every)
+                elapsed = time.monotonic() - t0
+                metrics["step_time_s"] = elapsed / max(1, run.log_every)
+                metrics.update(self.throughput.metrics(elapsed))
                 self.logger.log(self.step, metrics)
                 t0 = time.monotonic()
             reason = self._stop_reason()

@@ -35,6 +35,6 @@ def counted_steps(overrides: list[str], out_dir: str) -> list[dict]:
 
 
 def run_all(cases: dict, base_dir: str) -> dict:
-    out = {name: counted_steps(over, f"{base_dir}/{name}") for name, over in cases.items()}
+    out = {name: counted_steps(over, f"{base_dir}/case{i}") for i, (name, over) in enumerate(cases.items())}
     destroy_topology()
     return out

@@ -83,6 +83,38 @@ def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
     return {"rank": topo.world.rank, "stage": topo.pp.rank, "steps": records}
 
 
+def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: int = 4) -> dict:
+    """Wall time of each trainer step (after `warmup` steps), with whether it was a generator step, and the
+    latent shape the steps ran on: what the step-time model predicts (training/timing.py)."""
+    from tmd_megatron.parallel import comm
+
+    res, topo, make = _trainer(overrides, out_dir)
+    trainer = make()
+    trainer.start()
+    for _ in range(warmup):
+        trainer.advance()
+    records = []
+    comm.all_reduce(torch.zeros(1), topo.world)
+    busy0, own0, wall0 = _busy_cpu(), time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        generator = "student" in trainer.updates_this_step()
+        comm.all_reduce(torch.zeros(1), topo.world)  # every rank starts the step together
+        t0 = time.perf_counter()
+        trainer.advance()
+        records.append({"generator": generator, "wall": time.perf_counter() - t0})
+    own = sum(comm.all_gather_object(time.process_time() - own0, topo.world))
+    wall = time.perf_counter() - wall0
+    # the machine's CPU use besides this launch's ranks, in cores: another job's load skews every timing here
+    others = max(0.0, (_busy_cpu() - busy0 - own) / wall)
+    return {"rank": topo.world.rank, "steps": records, "latent": list(trainer.last_batch["latent"].shape[2:]),
+            "other_cores": others}
+
+
+def _busy_cpu() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0)
+
+
 def _state_bytes(trainer) -> int:
     """Weights and gradients of every role on this rank, plus the optimizers' master weights, reduced gradients and
     moments."""
@@ -189,7 +221,220 @@ def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype:
     return {"rank": topo.world.rank, "live_peak": peak, "seconds": seconds}
 
 
-CASES = {"comm": comm_case, "pipeline": pipeline_case, "memory": memory_case, "live_memory": live_memory_case,
+def gloo_bandwidth_case(out_dir: str = "", sizes=(1 << 14, 1 << 17, 1 << 20, 1 << 22), reps: int = 12) -> dict:
+    """Seconds of each collective of comm.py between the ranks of the world, per size, as the trainer meets them:
+    between products that keep every core busy (a collective then also pays for waking the peer and gloo's
+    threads, which an idle loop would not show). Samples (latency units, wire bytes, seconds) in the step-time
+    model's ring form (training/timing.py, StepModel._collective)."""
+    from tmd_megatron.parallel import comm, init_topology
+
+    topo = init_topology(device="cpu", timeout_s=300)
+    g = topo.world
+    n = g.size
+    peer = g.ranks[(g.rank + 1) % n]
+    a = torch.randn(256, 512)
+    b = torch.randn(512, 512)
+
+    def work():
+        torch.mm(a, b)
+
+    def timed(fn):
+        comm.all_reduce(torch.zeros(1), g)  # start together
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            work()
+            if fn is not None:
+                fn()
+        return time.perf_counter() - t0
+
+    samples = []
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 4)
+        ops = {
+            "send": (1, nbytes, lambda: comm.exchange(g, [(x, peer)], [(torch.empty_like(x), peer)])),
+            "all_reduce": (2 * (n - 1), 2 * (n - 1) / n * nbytes, lambda: comm.all_reduce(x.clone(), g)),
+            "all_gather": (n - 1, (n - 1) * nbytes, lambda: comm.all_gather(x, g)),  # gathers n x
+            "reduce_scatter": (n - 1, (n - 1) / n * nbytes, lambda: comm.reduce_scatter(x, g)),
+            "all_to_all": (n - 1, (n - 1) / n * nbytes, lambda: comm.all_to_all(x.view(n, -1), g)),
+        }
+        for units, wire, fn in ops.values():
+            timed(fn)
+            compute = min(timed(None) for _ in range(3))
+            total = min(timed(fn) for _ in range(3))
+            samples.append((units, wire, max(total - compute, 0.0) / reps))
+    return {"rank": g.rank, "samples": samples}
+
+
+def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: int = 4) -> dict:
+    """Wall time of each trainer step (after `warmup` steps), with whether it was a generator step, and the
+    latent shape the steps ran on: what the step-time model predicts (training/timing.py)."""
+    from tmd_megatron.parallel import comm
+
+    res, topo, make = _trainer(overrides, out_dir)
+    trainer = make()
+    trainer.start()
+    for _ in range(warmup):
+        trainer.advance()
+    records = []
+    comm.all_reduce(torch.zeros(1), topo.world)
+    busy0, own0, wall0 = _busy_cpu(), time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        generator = "student" in trainer.updates_this_step()
+        comm.all_reduce(torch.zeros(1), topo.world)  # every rank starts the step together
+        t0 = time.perf_counter()
+        trainer.advance()
+        records.append({"generator": generator, "wall": time.perf_counter() - t0})
+    own = sum(comm.all_gather_object(time.process_time() - own0, topo.world))
+    wall = time.perf_counter() - wall0
+    # the machine's CPU use besides this launch's ranks, in cores: another job's load skews every timing here
+    others = max(0.0, (_busy_cpu() - busy0 - own) / wall)
+    return {"rank": topo.world.rank, "steps": records, "latent": list(trainer.last_batch["latent"].shape[2:]),
+            "other_cores": others}
+
+
+def _busy_cpu() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0)
+
+
+def _state_bytes(trainer) -> int:
+    """Weights and gradients of every role on this rank, plus the optimizers' master weights, reduced gradients and
+    moments."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    roles = trainer.roles
+    for module in (roles.student, roles.teacher, roles.fake, roles.disc):
+        if module is not None:
+            for p in module.parameters():
+                add(p)
+                add(p.grad)
+    for opt in trainer.optims.values():
+        for bucket in opt.buckets:
+            add(bucket.master)
+            add(bucket.master.grad)
+        for state in opt.optimizer.state.values():
+            for t in state.values():
+                if torch.is_tensor(t) and t.numel() > 1:
+                    add(t)
+    return total
+
+
+def memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    res, topo, make = _trainer(overrides, out_dir)
+    torch.zeros(1).sum()  # let torch finish its lazy initialisation before the baseline
+    baseline = psutil.Process().memory_info().rss
+    trainer = make()
+    trainer.start()
+    for _ in range(steps):
+        trainer.advance()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "baseline": baseline, "peak": peak,
+            "peak_above_baseline": peak - baseline, "state_bytes": _state_bytes(trainer)}
+
+
+def live_tensor_peak(fn) -> tuple[int, object]:
+    """(peak bytes of live tensors while fn() runs, its result), from the profiler's allocator events: its
+    running "Total Allocated" counts every tensor allocated after profiling started, less those freed. The CPU
+    counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that a resident-
+    memory peak also holds. Tensors alive before the call are not counted."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open() as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        raise RuntimeError("the profiler recorded no CPU allocations; this torch build does not report them")
+    mem = [e["args"] for e in mem]
+    # The counter (c10 ProfiledCPUMemoryReporter) also holds tensors allocated under an earlier profile of this
+    # process and still alive: start from its value before the first allocation seen here.
+    start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(a["Total Allocated"] for a in mem) - start, result
+
+
+def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
+    """Peak bytes of live tensors over the same steps as `memory_case` (building the models included). The
+    counter is per process: alone in its launch."""
+    res, topo, make = _trainer(overrides, out_dir)
+
+    def run():
+        trainer = make()
+        trainer.start()
+        for _ in range(steps):
+            trainer.advance()
+
+    peak, _ = live_tensor_peak(run)
+    return {"rank": topo.world.rank, "stage": topo.pp.rank, "live_peak": peak}
+
+
+def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype: str = "float32",
+                     out_dir: str = "") -> dict:
+    """Live-tensor peak of one ring-attention forward + backward at `tokens` tokens per rank (batch 1)
+    above its inputs, and its time: the attention workspace the CP path needs."""
+    from tmd_megatron.parallel import init_topology
+    from tmd_megatron.parallel.attention import RingAttention
+
+    topo = init_topology(cp=int(os.environ["WORLD_SIZE"]), device="cpu", timeout_s=600)
+    g = torch.Generator().manual_seed(topo.cp.rank)
+    q, k, v, dout = (torch.randn(1, tokens, heads, head_dim, generator=g).to(getattr(torch, dtype)) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    attn = RingAttention(topo.cp, kernel)
+
+    def run():
+        t0 = time.perf_counter()
+        attn(q, k, v).backward(dout)
+        return time.perf_counter() - t0
+
+    peak, seconds = live_tensor_peak(run)
+    return {"rank": topo.world.rank, "live_peak": peak, "seconds": seconds}
+
+
+def gloo_bandwidth_case(out_dir: str = "", sizes=(1 << 14, 1 << 17, 1 << 20, 1 << 22), reps: int = 5) -> dict:
+    """Seconds of each collective of comm.py between the ranks of the world, per size: samples (latency units,
+    wire bytes, seconds) in the step-time model's ring form (training/timing.py, StepModel._collective)."""
+    from tmd_megatron.parallel import comm, init_topology
+
+    topo = init_topology(device="cpu", timeout_s=300)
+    g = topo.world
+    n = g.size
+    peer = g.ranks[(g.rank + 1) % n]
+    samples = []
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 4)
+        ops = {
+            "send": (1, nbytes, lambda: comm.exchange(g, [(x, peer)], [(torch.empty_like(x), peer)])),
+            "all_reduce": (2 * (n - 1), 2 * (n - 1) / n * nbytes, lambda: comm.all_reduce(x.clone(), g)),
+            "all_gather": (n - 1, (n - 1) * nbytes, lambda: comm.all_gather(x, g)),  # gathers n x
+            "reduce_scatter": (n - 1, (n - 1) / n * nbytes, lambda: comm.reduce_scatter(x, g)),
+            "all_to_all": (n - 1, (n - 1) / n * nbytes, lambda: comm.all_to_all(x.view(n, -1), g)),
+        }
+        for units, wire, fn in ops.values():
+            fn()
+            times = []
+            for _ in range(reps):
+                comm.all_reduce(torch.zeros(1), g)  # start together
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            samples.append((units, wire, sorted(times)[len(times) // 2]))
+    return {"rank": g.rank, "samples": samples}
+
+
+CASES = {"comm": comm_case, "gloo_bandwidth": gloo_bandwidth_case, "step_time": step_time_case, "pipeline": pipeline_case, "memory": memory_case, "live_memory": live_memory_case,
          "ring_memory": ring_memory_case}
 
 

@@ -34,6 +34,11 @@ class Flops:
     gemm: float = 0.0  # linear layers and convolutions
     attn: float = 0.0  # attention's score and value products
     remat: float = 0.0  # of gemm + attn: re-computation (checkpointed forwards, fused-backward scores)
+    # for the step-time model: kernel calls, and block executions (forward ones include re-computation)
+    gemm_calls: float = 0.0
+    attn_calls: float = 0.0
+    block_fwd: float = 0.0
+    block_bwd: float = 0.0
 
     @property
     def total(self) -> float:
@@ -46,12 +51,15 @@ class Flops:
         return self.total - self.remat
 
     def __add__(self, other: "Flops") -> "Flops":
-        return Flops(self.gemm + other.gemm, self.attn + other.attn, self.remat + other.remat)
+        return Flops(*(a + b for a, b in zip(self._values(), other._values())))
 
     def __mul__(self, k: float) -> "Flops":
-        return Flops(self.gemm * k, self.attn * k, self.remat * k)
+        return Flops(*(a * k for a in self._values()))
 
     __rmul__ = __mul__
+
+    def _values(self) -> tuple:
+        return (self.gemm, self.attn, self.remat, self.gemm_calls, self.attn_calls, self.block_fwd, self.block_bwd)
 
 
 def total(parts) -> Flops:
@@ -68,6 +76,7 @@ class Op:
     stream: str = "x"  # x (video tokens), text, time, image, disc
     block: int = -1  # -1: before the blocks; num_layers: after them (head); a block index otherwise
     leaf: bool = False  # reads a pass input of its stream (no input gradient unless that input needs one)
+    calls: int = 1  # kernel calls it stands for (q, k, v and o are four)
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,16 @@ class Call:
         return Call(self.ops + other.ops, self.blocks + other.blocks)
 
     def forward(self) -> Flops:
-        return total(Flops(o.flops, 0.0) if o.kind == "gemm" else Flops(0.0, o.flops) for o in self.ops)
+        out = total(_fwd(o) for o in self.ops)
+        out.block_fwd = len(self.blocks)
+        return out
+
+
+def _fwd(o: Op, remat: bool = False) -> Flops:
+    r = o.flops if remat else 0.0
+    if o.kind == "gemm":
+        return Flops(o.flops, 0.0, r, gemm_calls=o.calls)
+    return Flops(0.0, o.flops, r, attn_calls=o.calls)
 
 
 # ---- the Wan DiT --------------------------------------------------------------------------------------------
@@ -145,15 +163,15 @@ def wan_blocks(cfg: WanConfig, latent_fhw, b: int, blocks, shard: Shard = Shard(
     d, f, t, tp = cfg.dim, cfg.ffn_dim, cfg.text_len, shard.tp
     n = cfg.image_len if cfg.image_dim is not None else 0
     for i in c.blocks:
-        c.add(4 * 2 * b * lc * d * d / tp, block=i)  # self q, k, v, o
+        c.add(4 * 2 * b * lc * d * d / tp, block=i, calls=4)  # self q, k, v, o
         c.add(2 * 2 * b * lc * L * d / tp, kind="attn", block=i)  # L_c queries, L real keys
-        c.add(2 * 2 * b * lc * d * d / tp, block=i)  # cross q, o
-        c.add(2 * 2 * b * t * d * d / tp, stream="text", block=i)  # cross k, v on the text
+        c.add(2 * 2 * b * lc * d * d / tp, block=i, calls=2)  # cross q, o
+        c.add(2 * 2 * b * t * d * d / tp, stream="text", block=i, calls=2)  # cross k, v on the text
         c.add(2 * 2 * b * lc * t * d / tp, kind="attn", block=i)
         if n:
-            c.add(2 * 2 * b * n * d * d / tp, stream="image", block=i)  # k_img, v_img
+            c.add(2 * 2 * b * n * d * d / tp, stream="image", block=i, calls=2)  # k_img, v_img
             c.add(2 * 2 * b * lc * n * d / tp, kind="attn", block=i)
-        c.add(2 * 2 * b * lc * d * f / tp, block=i)  # FFN in, out
+        c.add(2 * 2 * b * lc * d * f / tp, block=i, calls=2)  # FFN in, out
     return c
 
 
@@ -196,7 +214,7 @@ def flow_head_call(cfg: WanConfig, latent_fhw, b: int, split: int, shard: Shard 
     d = cfg.dim
     c.add(2 * b * L * d * cfg.in_dim * cfg.patch_volume, stream="x", leaf=not y_grad)
     if fusion == "gated":
-        c.add(2 * 2 * b * lc * d * cfg.ffn_dim / shard.tp)
+        c.add(2 * 2 * b * lc * d * cfg.ffn_dim / shard.tp, calls=2)
     else:  # ConcatFusion: one replicated Linear(2D, D) on the residual shard
         c.add(2 * b * local * 2 * d * d)
     c = c + wan_blocks(cfg, latent_fhw, b, range(split, cfg.num_layers), shard)
@@ -248,15 +266,18 @@ def backward_of(call: Call, *, weights: bool, streams=("x", "text", "time", "ima
         if o.stream not in streams or (until is not None and o.block > until):
             continue
         if o.kind == "attn":
-            out = out + Flops(0.0, attn_backward * o.flops, (attn_backward - MODEL_ATTN_BACKWARD) * o.flops)
+            out = out + Flops(0.0, attn_backward * o.flops, (attn_backward - MODEL_ATTN_BACKWARD) * o.flops,
+                              attn_calls=o.calls)
         else:
-            out = out + Flops(o.flops * ((1 if weights else 0) + (0 if o.leaf else 1)))
+            n = (1 if weights else 0) + (0 if o.leaf else 1)
+            out = out + Flops(o.flops * n, gemm_calls=o.calls * n)
         if o.block in call.blocks:
             reached.add(o.block)
+    runs = sum(1 for i in call.blocks if i in reached)  # a block index repeats for each flow-head pass
+    out.block_bwd = runs
     if checkpointed:
-        for o in call.ops:
-            if o.block in reached:
-                out = out + (Flops(o.flops, 0.0, o.flops) if o.kind == "gemm" else Flops(0.0, o.flops, o.flops))
+        out = out + total(_fwd(o, remat=True) for o in call.ops if o.block in reached)
+        out.block_fwd = runs
     return out
 
 
@@ -286,3 +307,36 @@ def flop_counter():
     counter = FlopCounterMode(display=False, custom_mapping=cpu)
     counter.mod_tracker = _WholeProgram()
     return counter
+
+
+def elementwise_traffic(fn) -> tuple[float, int]:
+    """(bytes read and written, number of ops) of everything fn runs besides products and attention: the
+    elementwise and copy ops (norms, modulation, RoPE, activations, residual adds, casts), whose time is memory
+    traffic and per-op overhead, not FLOPs. Views and allocations move nothing and are not counted as bytes. Runs
+    on the meta device as well (shapes only), which is how the step-time model counts a 14B block."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    skip = set(flop_registry) | {aten._scaled_dot_product_flash_attention_for_cpu,
+                                 aten._scaled_dot_product_flash_attention_for_cpu_backward}
+    free = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
+    state = {"bytes": 0.0, "ops": 0}
+
+    class _Traffic(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            packet = func._overloadpacket
+            if packet in skip or func.is_view or func.namespace != "aten":  # prim.device & co. touch no data
+                return out
+            state["ops"] += 1
+            if packet not in free:
+                state["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                      if isinstance(t, torch.Tensor))
+            return out
+
+    with _Traffic():
+        fn()
+    return state["bytes"], state["ops"]

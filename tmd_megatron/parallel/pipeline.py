@@ -13,6 +13,7 @@ pairing as Megatron's send_forward_recv_backward / send_backward_recv_forward).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +48,13 @@ class PipelineResult:
         return 1.0 - busy / self.wall if self.wall > 0 else 0.0
 
 
-def schedule_order(num_stages: int, stage: int, num_microbatches: int, schedule: str = "1f1b") -> list:
-    """The ops one stage executes, in order: ("F", mb) and ("B", mb)."""
+def schedule_order(num_stages: int, stage: int, num_microbatches: int, schedule: str = "1f1b",
+                   forward_only: int = 0) -> list:
+    """The ops one stage executes, in order: ("F", mb) and ("B", mb). forward_only: the first microbatches that
+    have no backward (a mixed pass: they stream through first, then the others run the schedule)."""
+    if forward_only:
+        rest = schedule_order(num_stages, stage, num_microbatches - forward_only, schedule)
+        return [("F", i) for i in range(forward_only)] + [(op, forward_only + i) for op, i in rest]
     m = num_microbatches
     if schedule == "forward":
         return [("F", i) for i in range(m)]
@@ -65,35 +71,70 @@ def schedule_order(num_stages: int, stage: int, num_microbatches: int, schedule:
 
 def simulate_schedule(num_stages: int, num_microbatches: int, schedule: str, f_cost=1.0, b_cost=2.0) -> float:
     """Idle fraction of the schedule with fixed op costs and free communication (bubble of the order alone)."""
-    orders = [schedule_order(num_stages, s, num_microbatches, schedule) for s in range(num_stages)]
+    wall, busy = simulate_pipeline([f_cost] * num_stages, [b_cost] * num_stages, num_microbatches, schedule)
+    return 1.0 - sum(busy) / (num_stages * wall)
+
+
+def simulate_pipeline(f_costs, b_costs, num_microbatches: int, schedule: str = "1f1b", transfer: float = 0.0,
+                      ranks_per_stage: int = 1, cores: float = math.inf, forward_only: int = 0
+                      ) -> tuple[float, list[float]]:
+    """(makespan, busy seconds per stage) of one pipelined pass. f_costs[s] / b_costs[s]: seconds of one forward /
+    backward op on stage s at full speed ("forward" schedule: forward ops only); transfer: seconds for an
+    activation or its gradient to reach the neighbouring stage. Processor sharing: the busy ranks of all stages
+    split `cores` (a CPU's), so an op runs at min(1, cores / busy ranks) of full speed; GPUs: cores = inf. Costs
+    may also be given per microbatch (f_costs[s][mb]), for a mixed pass whose first `forward_only` microbatches
+    have no backward."""
+    p, m = len(f_costs), num_microbatches
+    orders = [schedule_order(p, s, m, schedule, forward_only) for s in range(p)]
+
+    def cost(table, s, mb):
+        c = table[s]
+        return c[mb] if isinstance(c, (list, tuple)) else c
+
     done: dict[tuple[str, int, int], float] = {}
-    clock, pos = [0.0] * num_stages, [0] * num_stages
-    while any(pos[s] < len(orders[s]) for s in range(num_stages)):
-        progressed = False
-        for s in range(num_stages):
-            if pos[s] == len(orders[s]):
-                continue
-            op, mb = orders[s][pos[s]]
-            dep = ("F", s - 1, mb) if op == "F" else ("B", s + 1, mb)
-            if (op == "F" and s == 0) or (op == "B" and s == num_stages - 1):
-                dep = None
-            if dep is not None and dep not in done:
-                continue
-            start = max(clock[s], done[dep] if dep else 0.0)
-            clock[s] = done[(op, s, mb)] = start + (f_cost if op == "F" else b_cost)
-            pos[s] += 1
-            progressed = True
-        if not progressed:
+    pos, left, busy = [0] * p, [None] * p, [0.0] * p  # left: remaining full-speed seconds of the running op
+    now = 0.0
+
+    def ready_at(s: int) -> float | None:
+        op, mb = orders[s][pos[s]]
+        dep = None if (op == "F" and s == 0) or (op == "B" and s == p - 1) else (
+            ("F", s - 1, mb) if op == "F" else ("B", s + 1, mb))
+        if dep is None:
+            return now
+        return done[dep] + transfer if dep in done else None
+
+    while any(pos[s] < len(orders[s]) for s in range(p)):
+        for s in range(p):  # start what can start
+            if left[s] is None and pos[s] < len(orders[s]):
+                t = ready_at(s)
+                if t is not None and t <= now:
+                    op, mb = orders[s][pos[s]]
+                    left[s] = cost(f_costs if op == "F" else b_costs, s, mb)
+        running = [s for s in range(p) if left[s] is not None]
+        speed = min(1.0, cores / (len(running) * ranks_per_stage)) if running else 1.0
+        waits = [t - now for s in range(p) if left[s] is None and pos[s] < len(orders[s])
+                 for t in [ready_at(s)] if t is not None and t > now]
+        dt = min([left[s] / speed for s in running] + waits)
+        if dt == math.inf or (not running and not waits):
             raise RuntimeError("schedule deadlocks")
-    busy = num_microbatches * (f_cost + (b_cost if schedule != "forward" else 0.0))
-    return 1.0 - busy / max(clock)
+        now += dt
+        for s in running:
+            left[s] -= dt * speed
+            busy[s] += dt * speed
+            if left[s] <= 1e-12:
+                op, mb = orders[s][pos[s]]
+                done[(op, s, mb)] = now
+                pos[s] += 1
+                left[s] = None
+    return now, busy
 
 
 class _Links:
     """Point-to-point transfers with the neighbouring stages (same dp/cp/tp coordinates)."""
 
-    def __init__(self, pp: CommGroup, boundary: Sequence[TensorSpec], device):
-        self.pp, self.boundary, self.device = pp, list(boundary), device
+    def __init__(self, pp: CommGroup, boundary, device):
+        self.pp, self.device = pp, device
+        self.boundary = boundary if callable(boundary) else (lambda mb, specs=list(boundary): specs)
         self.first, self.last = pp.rank == 0, pp.rank == pp.size - 1
         self.prev = None if self.first else pp.ranks[pp.rank - 1]
         self.next = None if self.last else pp.ranks[pp.rank + 1]
@@ -102,11 +143,11 @@ class _Links:
         if sends or recvs:
             comm.exchange(self.pp, sends, recvs)
 
-    def forward_buffers(self):
-        return [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.boundary]
+    def forward_buffers(self, mb: int):
+        return [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.boundary(mb)]
 
-    def grad_buffers(self):
-        return [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.boundary if s.needs_grad]
+    def grad_buffers(self, mb: int):
+        return [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.boundary(mb) if s.needs_grad]
 
 
 def _as_tuple(x) -> tuple:
@@ -118,24 +159,30 @@ def run_pipeline(
     pp: CommGroup,
     num_microbatches: int,
     *,
-    boundary: Sequence[TensorSpec],
+    boundary: Sequence[TensorSpec] | Callable,
     inputs: Sequence[tuple] | None = None,
     output_grads: Sequence | Callable | None = None,
     schedule: str = "1f1b",
-    forward_only: bool = False,
+    forward_only: bool | int = False,
     device=None,
 ) -> PipelineResult:
     """Run `stage_fn` for this rank's stage over `num_microbatches` microbatches.
 
     inputs: first stage only, one tuple per microbatch; inputs with requires_grad get gradients (returned
-    in result.input_grads). boundary: specs of what crosses every stage boundary, per microbatch.
-    output_grads: last stage only, per microbatch a tuple (a tensor or None per output), or a callable
-    (mb, outputs) -> such a tuple; None everywhere means only local losses drive the backward.
+    in result.input_grads). boundary: specs of what crosses every stage boundary, per microbatch (or a
+    callable mb -> specs, for passes whose microbatches differ). output_grads: last stage only, per microbatch a
+    tuple (a tensor or None per output), or a callable (mb, outputs) -> such a tuple; None everywhere means only
+    local losses drive the backward. forward_only: True for a forward-only pass, or the number of leading
+    microbatches that run forward only (a mixed pass of several models: they stream through first).
     """
     links = _Links(pp, boundary, device or torch.device("cpu"))
     if links.first and (inputs is None or len(inputs) != num_microbatches):
         raise ValueError(f"the first stage needs inputs for all {num_microbatches} microbatches")
-    order = schedule_order(pp.size, pp.rank, num_microbatches, "forward" if forward_only else schedule)
+    leading = num_microbatches if forward_only is True else int(forward_only)
+    if leading >= num_microbatches:
+        order = schedule_order(pp.size, pp.rank, num_microbatches, "forward")
+    else:
+        order = schedule_order(pp.size, pp.rank, num_microbatches, schedule, leading)
     result = PipelineResult()
     result.losses = [None] * num_microbatches
     result.input_grads = [None] * num_microbatches
@@ -149,25 +196,26 @@ def run_pipeline(
         return out
 
     def forward(mb: int, received):
+        no_grad = mb < leading
         if links.first:
             leaves = tuple(
-                t.detach().requires_grad_(t.requires_grad and not forward_only) if torch.is_tensor(t) else t
+                t.detach().requires_grad_(t.requires_grad and not no_grad) if torch.is_tensor(t) else t
                 for t in inputs[mb]
             )
         else:
             leaves = tuple(
-                t.requires_grad_(spec.needs_grad and not forward_only) for t, spec in zip(received, boundary)
+                t.requires_grad_(spec.needs_grad and not no_grad) for t, spec in zip(received, links.boundary(mb))
             )
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not no_grad):
             outputs, loss = stage_fn(mb, leaves)
         outputs = _as_tuple(outputs)
         if not links.last:
-            _check_outputs(outputs, boundary)
+            _check_outputs(outputs, links.boundary(mb))
         if loss is not None:
             result.losses[mb] = loss.detach()
         if links.last:
             result.outputs.append(tuple(o.detach() for o in outputs))
-        if not forward_only:
+        if not no_grad:
             stash[mb] = (leaves, outputs, loss)
             result.max_in_flight = max(result.max_in_flight, len(stash))
         return outputs
@@ -180,7 +228,7 @@ def run_pipeline(
             )
             pairs = list(zip(outputs, _as_tuple(supplied) if supplied is not None else [None] * len(outputs)))
         else:
-            wanted = [o for o, s in zip(outputs, boundary) if s.needs_grad]
+            wanted = [o for o, s in zip(outputs, links.boundary(mb)) if s.needs_grad]
             pairs = list(zip(wanted, grads_in))
         roots = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
         if loss is not None and loss.requires_grad:
@@ -196,16 +244,16 @@ def run_pipeline(
             return []
         return [
             t.grad if t.grad is not None else torch.zeros_like(t)
-            for t, spec in zip(leaves, boundary) if spec.needs_grad
+            for t, spec in zip(leaves, links.boundary(mb)) if spec.needs_grad
         ]
 
     def recvs_for(op):
         """Buffers the op needs from a neighbour before it can run."""
-        kind, _ = op
+        kind, mb = op
         if kind == "F" and not links.first:
-            return [(b, links.prev) for b in links.forward_buffers()]
+            return [(b, links.prev) for b in links.forward_buffers(mb)]
         if kind == "B" and not links.last:
-            return [(b, links.next) for b in links.grad_buffers()]
+            return [(b, links.next) for b in links.grad_buffers(mb)]
         return []
 
     pending = recvs_for(order[0]) if order else []

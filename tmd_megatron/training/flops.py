@@ -29,6 +29,7 @@ class PassCost:
     bwd: dict = field(default_factory=dict)
     forward_only: bool = True
     batch: int = 1  # samples per microbatch of this pass (the discriminator pass doubles it)
+    run: int = 0  # passes with the same run go through the pipeline together (Passes.run_parts)
 
     def add(self, role: str, fwd: Flops, bwd: Flops | None = None) -> None:
         self.fwd[role] = self.fwd.get(role, Flops()) + fwd
@@ -65,16 +66,17 @@ def setting_of(res, tp=None, cp=None, pp=None, micro_batch=1, latent=None) -> Se
 
 
 class _Stage:
-    """The calls of one stage: which blocks it holds, whether it embeds and/or runs the head."""
+    """The calls of one stage: which blocks each role holds there, whether it embeds and/or runs the head."""
 
     def __init__(self, res, st: Setting, stage: int):
+        from .partition import role_ranges
         from .plan import per_token_timesteps
-        from .roles import stage_ranges
 
         self.res, self.st, self.cfg = res, st, res.wan
         self.latent = st.latent or tuple(res.raw.data.latent)[1:]
-        start, end = stage_ranges(res, st.pp)[stage]
-        self.span = (start, end, stage == 0, stage == st.pp - 1)
+        first, last = stage == 0, stage == st.pp - 1
+        self.spans = {role: (*r[stage], first, last) for role, r in role_ranges(res, st.pp).items()}
+        self.span = self.spans["student"]
         self.shard = Shard(st.tp, st.cp, st.sp)
         self.per_token = per_token_timesteps(res)
         self.ac = st.ac
@@ -82,8 +84,8 @@ class _Stage:
     def tokens(self) -> int:
         return self.shard.tokens(F.grid_tokens(self.cfg, self.latent))[2]
 
-    def wan(self, b: int, x_grad: bool = False) -> Call:
-        return F.wan_call(self.cfg, self.latent, b, self.shard, self.span, self.per_token, x_grad)
+    def wan(self, b: int, x_grad: bool = False, role: str = "student") -> Call:
+        return F.wan_call(self.cfg, self.latent, b, self.shard, self.spans[role], self.per_token, x_grad)
 
     def train(self, call: Call) -> tuple[Flops, Flops]:
         """Forward and backward of a call whose weights all train and whose inputs need no gradient."""
@@ -133,7 +135,7 @@ def _tm_mf(res, s: _Stage, b: int) -> list[PassCost]:
         if cfg.cfg_source == "student":
             p.add("student", (s.student_first(b, 1) + s.backbone(b) + s.head(b)).forward())
         else:
-            p.add("teacher", s.wan(b).forward())
+            p.add("teacher", s.wan(b, role="teacher").forward())
         out.append(p)
     p = PassCost("student F+B (2 FD flow-head passes)", batch=b)
     graph = s.student_first(b, 3) + s.backbone(b) + s.head(b)
@@ -158,39 +160,42 @@ def _stage2(res, s: _Stage, b: int, generator: bool) -> list[PassCost]:
     p = PassCost("student forward (sample x̂)", batch=b)
     p.add("student", student().forward())
     out.append(p)
-    start, end, _, _ = s.span
+    start, end, _, _ = s.spans["teacher"]
     local_heads = [i for i in dmd.disc_layers if start <= i < end]
     use_gan = dmd.gan_weight > 0
-    if generator:
-        p = PassCost("fake score forward", batch=b)
-        p.add("fake", s.wan(b).forward())
+    if generator:  # run 1: every pass that needs only x̂, merged (programs.stage2_step)
+        p = PassCost("fake score forward", batch=b, run=1)
+        p.add("fake", s.wan(b, role="fake").forward())
         out.append(p)
         if dmd.cfg_scale != 1.0:
-            p = PassCost("teacher forward (unconditional)", batch=b)
-            p.add("teacher", s.wan(b).forward())
+            p = PassCost("teacher forward (unconditional)", batch=b, run=1)
+            p.add("teacher", s.wan(b, role="teacher").forward())
             out.append(p)
-        p = PassCost("teacher forward" + (" + GAN heads, input gradient" if use_gan else " (conditional)"), batch=b)
+        p = PassCost("teacher forward" + (" + GAN heads, input gradient" if use_gan else " (conditional)"), batch=b,
+                     run=1)
         if use_gan:
-            call = s.wan(b, x_grad=True)
+            call = s.wan(b, x_grad=True, role="teacher")
             p.add("teacher", call.forward(), F.backward_of(call, weights=False, streams=("x",),
                                                            until=max(dmd.disc_layers), checkpointed=s.ac))
             heads = F.disc_call(cfg, s.latent, b, len(local_heads), dmd.disc_width, dmd.disc_features,
                                 input_grad=True)
             p.add("disc", heads.forward(), F.backward_of(heads, weights=False, streams=("disc",)))
         else:
-            p.add("teacher", s.wan(b).forward())
+            p.add("teacher", s.wan(b, role="teacher").forward())
         out.append(p)
-        p = PassCost("student F+B (VSD + GAN gradient)", batch=b)
-        p.add("student", *s.train(student()))
-        out.append(p)
-    p = PassCost("fake score F+B (DSM)", batch=b)
-    p.add("fake", *s.train(s.wan(b)))
+    p = PassCost("fake score F+B (DSM)", batch=b, run=1)
+    p.add("fake", *s.train(s.wan(b, role="fake")))
     out.append(p)
     if use_gan:
-        p = PassCost("teacher forward [fake; real] + discriminator F+B", batch=2 * b)
-        p.add("teacher", s.wan(2 * b).forward())
+        p = PassCost("teacher forward [fake; real] + discriminator F+B", batch=2 * b, run=1)
+        p.add("teacher", s.wan(2 * b, role="teacher").forward())
         heads = F.disc_call(cfg, s.latent, 2 * b, len(local_heads), dmd.disc_width, dmd.disc_features)
         p.add("disc", heads.forward(), F.backward_of(heads, weights=True, streams=("disc",)))
+        p.forward_only = True  # in the pipeline's terms: the heads' backward runs inside the forward op
+        out.append(p)
+    if generator:
+        p = PassCost("student F+B (VSD + GAN gradient)", batch=b, run=2)
+        p.add("student", *s.train(student()))
         out.append(p)
     return out
 

@@ -12,6 +12,7 @@ prediction on a TI2V conditioning frame on the last (`ConditionedStage`), so inp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -117,6 +118,74 @@ class StudentStage:
         return self.head_fn(mb, features, e_pts, e0_pts)
 
 
+@dataclass
+class Part:
+    """One model's pass over the m microbatches, to run alone or merged with others (`Passes.run_parts`)."""
+
+    stage: object  # stage function (mb, inputs) -> (outputs, loss), with .boundary(dtype, context_dtype)
+    inputs: list  # first stage: per microbatch
+    forward_only: bool = False
+    output_grads: object = None  # last stage: per microbatch, or a callable (mb, outputs)
+
+
+class _Merged:
+    """Several parts as one pipelined pass: microbatch j of part k runs as k's microbatch j, its forward-only
+    parts first (they stream through; the others follow the schedule), so the pipeline fills and drains once."""
+
+    def __init__(self, parts: list[Part], m: int, dtypes):
+        self.parts, self.m = parts, m
+        self.specs = [p.stage.boundary(*dtypes) for p in parts]
+
+    def locate(self, mb: int) -> tuple[int, int]:
+        return mb // self.m, mb % self.m
+
+    def boundary(self, mb: int):
+        return self.specs[mb // self.m]
+
+    def __call__(self, mb: int, inputs: tuple):
+        k, j = self.locate(mb)
+        return self.parts[k].stage(j, inputs)
+
+    def output_grads(self, mb: int, outputs):
+        k, j = self.locate(mb)
+        grads = self.parts[k].output_grads
+        if grads is None:
+            return None
+        return grads(j, outputs) if callable(grads) else grads[j]
+
+
+class PartResult:
+    """A part's share of a merged pass: outputs on the last stage, input gradients on the first, local losses."""
+
+    def __init__(self, res, k: int, m: int):
+        sl = slice(k * m, (k + 1) * m)
+        self.outputs = res.outputs[sl] if res.outputs else []
+        self.input_grads = res.input_grads[sl]
+        self.losses = res.losses[sl]
+        self.trace = [t for t in res.trace if sl.start <= t[1] < sl.stop]
+
+
+class Frozen:
+    """A stage function during whose forward `module` takes no gradient (the generator's GAN loss reads the
+    discriminator, which that loss must not train); autograd records requires_grad at forward time, so a later
+    backward of the microbatch leaves the module alone too."""
+
+    def __init__(self, stage, module):
+        self.stage, self.module = stage, module
+
+    def boundary(self, *args, **kwargs):
+        return self.stage.boundary(*args, **kwargs)
+
+    def __call__(self, mb: int, inputs: tuple):
+        if self.module is None:
+            return self.stage(mb, inputs)
+        self.module.requires_grad_(False)
+        try:
+            return self.stage(mb, inputs)
+        finally:
+            self.module.requires_grad_(True)
+
+
 class Passes:
     """Runs passes of the roles over this rank's microbatches and moves tensors between stages."""
 
@@ -139,10 +208,35 @@ class Passes:
                 forward_only=forward_only, device=self.topo.device,
             )
 
-    def wan(self, model, inputs, latent_shape, *, capture=(), hidden_loss=None, forward_only=False,
-            output_grads=None, conditioning_grads=True, conds=None):
+    def run_parts(self, parts: list[Part]) -> list[PartResult]:
+        """Parts of the same step that do not depend on each other, as one pipelined pass (forward-only parts
+        first): one pipeline fill and drain instead of one per part. Same results as running them one by one."""
+        order = sorted(range(len(parts)), key=lambda k: not parts[k].forward_only)
+        ordered = [parts[k] for k in order]
+        merged = _Merged(ordered, self.m, (torch.float32, self.autocast_dtype))
+        inputs = [mb for p in ordered for mb in p.inputs] if self.first else None
+        if self.first:  # draws are made on the CPU (per-sample generators); the model runs on topo.device
+            inputs = [tuple(t.to(self.topo.device) if torch.is_tensor(t) else t for t in mb) for mb in inputs]
+        leading = sum(p.forward_only for p in ordered) * self.m
+        with self._autocast():
+            res = run_pipeline(merged, self.topo.pp, self.m * len(ordered), boundary=merged.boundary, inputs=inputs,
+                               output_grads=merged.output_grads, schedule=self.schedule,
+                               forward_only=leading, device=self.topo.device)
+        out = [None] * len(parts)
+        for pos, k in enumerate(order):
+            out[k] = PartResult(res, pos, self.m)
+        return out
+
+    def wan(self, model, inputs, latent_shape, **kw):
+        """A Wan model's pass on its own (`wan_part`)."""
+        part = self.wan_part(model, inputs, latent_shape, **kw)
+        return self.run(part.stage, part.inputs, forward_only=part.forward_only, output_grads=part.output_grads)
+
+    def wan_part(self, model, inputs, latent_shape, *, capture=(), hidden_loss=None, forward_only=False,
+                 output_grads=None, conditioning_grads=True, conds=None, frozen=None) -> Part:
         """inputs: per microbatch (x_t, t ∈ [0, 1], context); conds: per microbatch image conditioning (or None).
-        The last stage gets the velocity per microbatch; a two-expert model runs each sample on its expert."""
+        The last stage gets the velocity per microbatch; a two-expert model runs each sample on its expert.
+        frozen: a module that must not take gradients from this pass (`Frozen`)."""
         kw = dict(conditioning_grads=conditioning_grads, token_timesteps=token_timesteps(conds))
         if isinstance(model, WanExperts):
             high = [model.route(wan_units(t)) for _, t, _ in inputs]  # the draws are known on every stage
@@ -152,8 +246,10 @@ class Passes:
             stage, span = WanStage(model, latent_shape, capture, hidden_loss, **kw), model.stage
         if conds is not None and any(c is not None for c in conds):
             stage = ConditionedStage(stage, conds, model.config, span)
+        if frozen is not None:
+            stage = Frozen(stage, frozen)
         wan_inputs = [(x, wan_units(t), c) for x, t, c in inputs] if self.first else []
-        return self.run(stage, wan_inputs, forward_only=forward_only, output_grads=output_grads)
+        return Part(stage, wan_inputs, forward_only, output_grads)
 
     def student(self, student, inputs, latent_shape, num_points, head_fn, x_t_of, t_of, conds=None, **kw):
         stage = StudentStage(student, latent_shape, num_points, head_fn, x_t_of, t_of, conds)

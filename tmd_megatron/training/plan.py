@@ -280,10 +280,31 @@ def _activation_bytes(res, lay: Layout, span, last: bool, stage: int) -> float:
     return in_flight * (blocks * per_block + conditioning)
 
 
+_STAGE_PARAMETERS: dict = {}
+
+
+def stage_parameters(res, tp: int, pp: int, stage: int) -> tuple[dict[str, int], int]:
+    """(parameters of each role, bytes of the frozen teacher) on a rank of `stage` under TP `tp`: the roles
+    built on the meta device (exact), remembered per model, method and split (the layout search asks often)."""
+    from .roles import cast_frozen, meta_roles
+
+    key = (res.wan, res.student, res.method, res.dmd2v, res.tm_mf, res.boundary, res.raw.model.teacher_dtype,
+           res.raw.model.backend, tp, pp, stage)
+    if key not in _STAGE_PARAMETERS:
+        roles = meta_roles(res, Topology.virtual(tp, 1, pp, 1, stage * tp))
+        count = {k: sum(p.numel() for p in m.parameters()) for k, m in roles.items()}
+        teacher = 0
+        if "teacher" in roles:
+            cast_frozen(roles["teacher"], torch.bfloat16 if res.raw.model.teacher_dtype == "bf16" else torch.float32)
+            teacher = sum(p.numel() * p.element_size() for p in roles["teacher"].parameters())
+        _STAGE_PARAMETERS[key] = (count, teacher)
+    return _STAGE_PARAMETERS[key]
+
+
 def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan:
     """Validation and the per-rank estimate of the worst pipeline stage (rows in GiB), for the machines the job
     will run on (this one's CUDA and DALI are not asked: tmd-plan runs on login nodes)."""
-    from .roles import meta_roles, stage_ranges
+    from .roles import stage_ranges
 
     plan = Plan(problems=check_recipe(res, world, here=False))
     if plan.problems:
@@ -294,9 +315,7 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
     plan.stage_blocks = stage_ranges(res, lay.pp)
     worst = None
     for stage, span in enumerate(plan.stage_blocks):
-        rank = stage * lay.tp * lay.cp * lay.dp
-        roles = meta_roles(res, Topology.virtual(lay.tp, lay.cp, lay.pp, lay.dp, rank))
-        count = {k: sum(p.numel() for p in m.parameters()) for k, m in roles.items()}
+        count, teacher_bytes = stage_parameters(res, lay.tp, lay.pp, stage)
         rows = []
         for role in ("student", "fake", "disc"):
             if role in count:
@@ -305,13 +324,8 @@ def plan_recipe(res, world: int, device_memory_gib: float | None = None) -> Plan
                              count[role] * 16 / shard))
         if res.raw.optim.ema_decay > 0:
             rows.append(("student EMA (fp32)", count["student"] * 4))
-        if "teacher" in roles:
-            from .roles import cast_frozen
-
-            teacher = roles["teacher"]
-            cast_frozen(teacher, torch.bfloat16 if res.raw.model.teacher_dtype == "bf16" else torch.float32)
-            rows.append(("teacher weights (frozen; fp32 regions stay fp32)",
-                         sum(p.numel() * p.element_size() for p in teacher.parameters())))
+        if teacher_bytes:
+            rows.append(("teacher weights (frozen; fp32 regions stay fp32)", teacher_bytes))
         if bf16:
             rows.append(("autocast bf16 weight copies (largest model run)", max(count["student"], count.get("fake", 0)) * 2))
         # The step's peak is either in a pass (activations) or in the optimizer phase: single-tensor AdamW holds

@@ -251,21 +251,25 @@ def _gan_part(s: Step, hidden, geom_shape, fn):
 
 
 def stage2_step(s: Step, generator: bool) -> None:
+    """Student forward (x̂); then, as one pipelined pass, everything that needs only x̂: the fake score and teacher
+    forwards of the VSD gradient, the teacher with the GAN heads differentiated to its input, the fake score's DSM
+    step and the discriminator's step; then (generator steps) the student's F+B with the VSD + GAN gradient."""
     cfg, roles, dev = s.res.dmd2v, s.roles, s.roles.topo.device
     d = _stage2_draws(s)
     x_hat = _student_pass(s, d, forward_only=True)
     use_gan = cfg.gan_weight > 0
     ctx = [mc.ctx for mc in s.micro]
+    parts = {}
 
     if generator:
         noisy = {mb: interpolate(x_hat[mb], d[mb]["eps_v"].to(dev), d[mb]["t_v"]) for mb in x_hat}
         first = _to_first(s, noisy)
-        v_fake = s.passes.wan(roles.fake, [(first[mb], q["t_v"], ctx[mb]) for mb, q in enumerate(d)], s.shape(),
-                              forward_only=True, conds=s.conds).outputs
-        v_unc = None
+        parts["fake"] = s.passes.wan_part(roles.fake, [(first[mb], q["t_v"], ctx[mb]) for mb, q in enumerate(d)],
+                                          s.shape(), forward_only=True, conds=s.conds)
         if cfg.cfg_scale != 1.0:  # CFG drops the text only (Wan's I2V sampler keeps the image)
-            v_unc = s.passes.wan(roles.teacher, [(first[mb], q["t_v"], q["negative"]) for mb, q in enumerate(d)],
-                                 s.shape(), forward_only=True, conds=s.conds).outputs
+            parts["uncond"] = s.passes.wan_part(roles.teacher, [(first[mb], q["t_v"], q["negative"])
+                                                                for mb, q in enumerate(d)],
+                                                s.shape(), forward_only=True, conds=s.conds)
         gan_inputs = [(first[mb].detach().requires_grad_(use_gan), q["t_v"], ctx[mb]) for mb, q in enumerate(d)]
 
         def gan_loss(mb, hidden, geom):
@@ -274,44 +278,11 @@ def stage2_step(s: Step, generator: bool) -> None:
             return cfg.gan_weight * part / s.m
 
         has_heads = use_gan and roles.disc is not None
-        if roles.disc is not None:
-            roles.disc.requires_grad_(False)  # the generator's GAN loss trains the student only
-        res = s.passes.wan(roles.teacher, gan_inputs, s.shape(), capture=roles.disc_layers if use_gan else (),
-                           hidden_loss=gan_loss if has_heads else None, forward_only=not use_gan,
-                           conditioning_grads=False, conds=s.conds)
-        if roles.disc is not None:
-            roles.disc.requires_grad_(True)
-        v_cond = res.outputs
-        g_gan = {}
-        if use_gan:
-            # ∂/∂x̂ of the GAN loss: its input gradient (first stage) times ∂x̂_t/∂x̂ = 1 − t
-            if s.passes.first:
-                per_mb = [(1 - per_sample(q["t_v"], first[mb])) * res.input_grads[mb][0] for mb, q in enumerate(d)]
-            else:
-                per_mb = [torch.empty(s.shape(), device=dev) for _ in d]
-            got = s.passes.first_to_last(per_mb)
-            g_gan = dict(enumerate(got)) if got is not None else {}
-        g_total = {}
-        if s.passes.last:
-            for mb, q in enumerate(d):
-                xt = noisy[mb]
-                g_fake = x0_from_velocity(xt, q["t_v"], v_fake[mb][0])
-                v_t = v_cond[mb][0] if v_unc is None else cfg_combine(v_cond[mb][0], v_unc[mb][0], cfg.cfg_scale)
-                g_teacher = x0_from_velocity(xt, q["t_v"], v_t)
-                direction = D.vsd_direction(g_fake, g_teacher, x_hat[mb], cfg.vsd_norm)
-                leaf = x_hat[mb].detach().requires_grad_(True)
-                vsd = D.vsd_loss(leaf, direction) / s.m
-                (g,) = torch.autograd.grad(vsd, leaf)
-                s.add("vsd", vsd.detach())
-                g_total[mb] = g + g_gan.get(mb, 0)
-
-        def out_grads(mb, outputs):
-            g = g_total[mb]
-            if s.res.student is None:  # the pass outputs v; x̂ = x_t − t·v
-                g = -per_sample(d[mb]["t"], g) * g
-            return (g,)
-
-        _student_pass(s, d, forward_only=False, output_grads=out_grads)
+        # the generator's GAN loss trains the student only: the discriminator is frozen during these forwards
+        parts["gan"] = s.passes.wan_part(roles.teacher, gan_inputs, s.shape(),
+                                         capture=roles.disc_layers if use_gan else (),
+                                         hidden_loss=gan_loss if has_heads else None, forward_only=not use_gan,
+                                         conditioning_grads=False, conds=s.conds, frozen=roles.disc)
 
     # critics, on the same (detached) samples
     noisy_f = {mb: interpolate(x_hat[mb], d[mb]["eps_f"].to(dev), d[mb]["t_f"]) for mb in x_hat}
@@ -323,9 +294,8 @@ def stage2_step(s: Step, generator: bool) -> None:
         s.add("fake_score_loss", loss.detach())
         return torch.autograd.grad(loss, outputs[0])
 
-    s.passes.wan(roles.fake, [(first_f[mb], q["t_f"], ctx[mb]) for mb, q in enumerate(d)], s.shape(),
-                 output_grads=dsm_grads, conds=s.conds)
-
+    parts["dsm"] = s.passes.wan_part(roles.fake, [(first_f[mb], q["t_f"], ctx[mb]) for mb, q in enumerate(d)],
+                                     s.shape(), output_grads=dsm_grads, conds=s.conds)
     if use_gan:
         noisy_d = {mb: interpolate(x_hat[mb], d[mb]["eps_d"].to(dev), d[mb]["t_d"]) for mb in x_hat}
         first_d = _to_first(s, noisy_d)
@@ -343,8 +313,48 @@ def stage2_step(s: Step, generator: bool) -> None:
             return part.detach()
 
         conds = [None if c is None else c.repeat(2) for c in s.conds]  # [fake; real] of the same samples
-        s.passes.wan(roles.teacher, inputs, s.shape(2), capture=roles.disc_layers,
-                     hidden_loss=disc_loss if roles.disc is not None else None, forward_only=True, conds=conds)
+        parts["disc"] = s.passes.wan_part(roles.teacher, inputs, s.shape(2), capture=roles.disc_layers,
+                                          hidden_loss=disc_loss if roles.disc is not None else None,
+                                          forward_only=True, conds=conds)
+    names = list(parts)
+    results = dict(zip(names, s.passes.run_parts([parts[k] for k in names])))
+    if not generator:
+        return
+
+    v_fake = results["fake"].outputs
+    v_unc = results["uncond"].outputs if "uncond" in results else None
+    v_cond = results["gan"].outputs
+    g_gan = {}
+    if use_gan:
+        # ∂/∂x̂ of the GAN loss: its input gradient (first stage) times ∂x̂_t/∂x̂ = 1 − t
+        if s.passes.first:
+            grads = results["gan"].input_grads
+            per_mb = [(1 - per_sample(q["t_v"], first[mb])) * grads[mb][0] for mb, q in enumerate(d)]
+        else:
+            per_mb = [torch.empty(s.shape(), device=dev) for _ in d]
+        got = s.passes.first_to_last(per_mb)
+        g_gan = dict(enumerate(got)) if got is not None else {}
+    g_total = {}
+    if s.passes.last:
+        for mb, q in enumerate(d):
+            xt = noisy[mb]
+            g_fake = x0_from_velocity(xt, q["t_v"], v_fake[mb][0])
+            v_t = v_cond[mb][0] if v_unc is None else cfg_combine(v_cond[mb][0], v_unc[mb][0], cfg.cfg_scale)
+            g_teacher = x0_from_velocity(xt, q["t_v"], v_t)
+            direction = D.vsd_direction(g_fake, g_teacher, x_hat[mb], cfg.vsd_norm)
+            leaf = x_hat[mb].detach().requires_grad_(True)
+            vsd = D.vsd_loss(leaf, direction) / s.m
+            (g,) = torch.autograd.grad(vsd, leaf)
+            s.add("vsd", vsd.detach())
+            g_total[mb] = g + g_gan.get(mb, 0)
+
+    def out_grads(mb, outputs):
+        g = g_total[mb]
+        if s.res.student is None:  # the pass outputs v; x̂ = x_t − t·v
+            g = -per_sample(d[mb]["t"], g) * g
+        return (g,)
+
+    _student_pass(s, d, forward_only=False, output_grads=out_grads)
 
 
 # ---- KD warm-up -----------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The models one rank holds for a recipe on a topology: the trained model, the frozen teacher, the critics.
 
-All roles share one pipeline stage layout, so each rank holds the same block range of each. The split
-balances cost with the TMD flow-head blocks counted N times and keeps the whole flow head on the last stage
-(its inner loop then never crosses ranks). Under pipeline parallelism the last stage also holds a copy of
-the patch embedding (the flow head embeds y_s with it), tied to the first stage's by summing gradients.
+Each role has its own pipeline stage split, balanced by the FLOPs that role runs (training/partition.py); the
+student's keeps the whole flow head on the last stage (its inner loop then never crosses ranks), the
+discriminator heads sit with the teacher blocks they read. Under pipeline parallelism the student's last stage
+also holds a copy of the patch embedding (the flow head embeds y_s with it), tied to the first stage's by summing
+gradients.
 Every role is built from full (single-device) state dicts that are read lazily and sliced per rank, and
 every freshly initialised tensor is drawn on one device from the run seed, so all layouts start equal.
 
@@ -23,33 +24,20 @@ from tmd_megatron.models.discriminator import Discriminator
 from tmd_megatron.models.student import DecoupledStudent
 from tmd_megatron.models.wan import WanConfig, WanExperts, WanModel
 from tmd_megatron.models.wan.checkpoint import WanCheckpoint, expert_dirs
-from tmd_megatron.parallel import Topology, build_stage_model, partition_blocks, student_block_costs
+from tmd_megatron.parallel import Topology, build_stage_model
 from tmd_megatron.parallel.sharding import load_full_state
 
 from .config import RecipeError, Resolved
 from .export import read_student_export
+from .partition import role_ranges
 from .views import Prefixed
 
 FP32_MODULES = ("time_embedding", "time_projection", "head")  # the original runs these in fp32 (WAN_SPEC §2.7)
 
 
 def stage_ranges(res: Resolved, pp: int) -> list[tuple[int, int]]:
-    cfg = res.wan
-    decoupled = res.student is not None
-    head = res.student.flow_head_blocks if decoupled else 0
-    # TMD runs the head N times per step; TM-MF about twice (the step plus the finite-difference evaluations).
-    repeats = res.dmd2v.inner_steps if res.method == "tmd" else 2
-    ranges = partition_blocks(student_block_costs(cfg.num_layers, head, repeats if decoupled else 1), pp,
-                              embed_cost=0.5, head_cost=0.25)
-    split = cfg.num_layers - head
-    if decoupled and pp > 1 and ranges[-1][0] > split:
-        if split < pp - 1:
-            raise RecipeError(
-                f"the flow head ({head} blocks) must sit on the last of {pp} stages, leaving {split} backbone blocks "
-                f"for {pp - 1} stages: lower parallel.pp or distill.head_blocks"
-            )
-        ranges = partition_blocks([1.0] * split, pp - 1, embed_cost=0.5) + [(split, cfg.num_layers)]
-    return ranges
+    """The trained model's stage split (each role has its own: training/partition.py)."""
+    return role_ranges(res, pp)["student"]
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
@@ -81,7 +69,7 @@ class ExpertStates:
 @dataclass
 class Roles:
     topo: Topology
-    ranges: list[tuple[int, int]]
+    ranges: dict[str, list[tuple[int, int]]]  # role -> stage split (training/partition.py)
     student: nn.Module  # WanModel stage, or DecoupledStudent around one
     teacher: WanModel | WanExperts | None
     fake: WanModel | WanExperts | None
@@ -219,7 +207,8 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
                 student_full: Mapping | None = None) -> Roles:
     """teacher_full / student_full override model.teacher / model.init (tests pass in-memory state dicts)."""
     method, seed = res.method, res.raw.run.seed
-    ranges = stage_ranges(res, topo.pp.size)
+    split = role_ranges(res, topo.pp.size)
+    ranges = split["student"]
     if teacher_full is None:
         teacher_full = teacher_state(res)
     if method != "flow_matching" and teacher_full is None:
@@ -237,7 +226,8 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
                           "model.init=<its out_dir>/export")
 
     frozen = {"bf16": torch.bfloat16, "fp32": torch.float32}[res.raw.model.teacher_dtype]
-    teacher = _build_wan(res.wan, topo, res, ranges, teacher_full, frozen) if teacher_full is not None else None
+    teacher = _build_wan(res.wan, topo, res, split["teacher"], teacher_full, frozen) if teacher_full is not None \
+        else None
 
     if res.student is not None:
         if student_full is None:  # stage 1 starts from the teacher plus fresh extras
@@ -251,34 +241,35 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
     fake = disc = None
     layers: tuple[int, ...] = ()
     if method in ("dmd2v", "tmd"):
-        fake = _build_wan(res.wan, topo, res, ranges, teacher_full)
+        fake = _build_wan(res.wan, topo, res, split["fake"], teacher_full)
         cfg = res.dmd2v
         layers = tuple(cfg.disc_layers)
         if cfg.gan_weight > 0:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1)
                 full_disc = Discriminator(res.wan.dim, layers, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
-            start, end = ranges[topo.pp.rank]
+            start, end = split["teacher"][topo.pp.rank]  # the heads sit with the teacher blocks they read
             local = tuple(i for i in layers if start <= i < end)
             if local:
                 disc = Discriminator(res.wan.dim, local, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
                 disc.load_state_dict({k: v for k, v in full_disc.state_dict().items()
                                       if k.split(".")[1] in {str(i) for i in local}})
                 disc.to(topo.device)
-    return Roles(topo, ranges, student, teacher, fake, disc, layers)
+    return Roles(topo, split, student, teacher, fake, disc, layers)
 
 
 
 def meta_roles(res: Resolved, topo: Topology) -> dict[str, nn.Module]:
     """The modules `build_roles` would give this (possibly virtual) rank, on the meta device: exact shapes."""
-    ranges = stage_ranges(res, topo.pp.size)
-    out = {"teacher": _build_wan(res.wan, topo, res, ranges, None)} if res.method != "flow_matching" else {}
+    split = role_ranges(res, topo.pp.size)
+    ranges = split["student"]
+    out = {"teacher": _build_wan(res.wan, topo, res, split["teacher"], None)} if res.method != "flow_matching" else {}
     out["student"] = (_build_student(res, topo, ranges, None) if res.student is not None
                       else _build_one_wan(res.wan, topo, res, ranges, None))
     if res.method in ("dmd2v", "tmd"):
-        out["fake"] = _build_wan(res.wan, topo, res, ranges, None)
+        out["fake"] = _build_wan(res.wan, topo, res, split["fake"], None)
         cfg = res.dmd2v
-        start, end = ranges[topo.pp.rank]
+        start, end = split["teacher"][topo.pp.rank]
         local = tuple(i for i in cfg.disc_layers if start <= i < end)
         if cfg.gan_weight > 0 and local:
             with torch.device("meta"):

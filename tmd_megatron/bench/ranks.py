@@ -69,17 +69,31 @@ def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
                            "busy": _busy(result)})
             return result
 
+        def run_parts(self, parts):
+            t0 = time.perf_counter()
+            got = super().run_parts(parts)
+            passes.append({"stage_fn": "merged", "forward_only": all(p.forward_only for p in parts),
+                           "wall": time.perf_counter() - t0,
+                           "busy": sum(end - start for r in got for _, _, start, end in r.trace)})
+            return got
+
     p = res.raw.parallel
     trainer.passes = TimedPasses(topo, p.microbatches, p.schedule, trainer.passes.autocast_dtype)
     trainer.start()
     trainer.advance()  # warm-up (also a generator step: the student updates on step 0)
     records = []
+    from tmd_megatron.parallel import comm
+
     for _ in range(steps):
         passes.clear()
         generator = "student" in trainer.updates_this_step()
-        t0 = time.perf_counter()
+        comm.all_reduce(torch.zeros(1), topo.world)  # both stages start the step together
+        t0, c0 = time.perf_counter(), time.thread_time()
         trainer.advance()
-        records.append({"generator": generator, "wall": time.perf_counter() - t0, "passes": list(passes)})
+        # the main thread's CPU time is its busy time: gloo waits block without spinning (measured: a 2 s recv
+        # costs 0 s of thread time), and one thread per rank computes
+        records.append({"generator": generator, "wall": time.perf_counter() - t0, "cpu": time.thread_time() - c0,
+                        "passes": list(passes)})
     return {"rank": topo.world.rank, "stage": topo.pp.rank, "steps": records}
 
 

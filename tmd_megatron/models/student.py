@@ -238,6 +238,12 @@ class DecoupledStudent(nn.Module):
         e, e0 = self.flow_head_time(s, r, features.e_t)
         return self.flow_head_given(y_s, e, e0, features)
 
+    def compile_blocks(self) -> None:
+        """Regional torch.compile of the DiT blocks (backbone and flow head) and of the gated fusion block."""
+        self.wan.compile_blocks()
+        if isinstance(self.fusion, GatedFusion):
+            self.fusion.compile()
+
     @property
     def layout(self):
         """The Wan model's token layout (data-parallel code reads it to know which gradients are TP-partial)."""

@@ -80,12 +80,19 @@ def count_comm(counter: CommCounter | None = None):
         _counters.remove(counter)
 
 
+def _eager(fn):
+    """Transfers stay outside compiled regions (model.compile=true): torch.compile breaks its graph around them,
+    so every collective runs as written and the counter records each call."""
+    return torch.compiler.disable(fn)
+
+
 def _record(op: str, group: CommGroup, tensor: torch.Tensor) -> None:
     for c in _counters:
         c.record(op, group.name, tensor.numel() * tensor.element_size())
 
 
 # ---- collectives (plain functions; the autograd wrappers live in tensor.py) ------------------------------------
+@_eager
 def all_reduce(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """Sum over the group, in place; returns the tensor."""
     if group.size > 1:
@@ -94,6 +101,7 @@ def all_reduce(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return tensor
 
 
+@_eager
 def all_gather(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's tensor along `dim` in group-rank order."""
     if group.size == 1:
@@ -105,6 +113,7 @@ def all_gather(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Te
     return out.movedim(0, dim)
 
 
+@_eager
 def reduce_scatter(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
     """Sum over the group and keep this rank's equal chunk along `dim`."""
     if group.size == 1:
@@ -118,6 +127,7 @@ def reduce_scatter(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torc
     return out.movedim(0, dim)
 
 
+@_eager
 def all_to_all(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """Chunk i of dim 0 goes to group rank i; returns the chunks received, stacked along dim 0 by source."""
     if group.size == 1:
@@ -131,6 +141,7 @@ def all_to_all(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return out
 
 
+@_eager
 def all_gather_object(obj, group: CommGroup) -> list:
     """Python objects from every group rank (checkpoint conversion only; not counted as tensor traffic)."""
     if group.size == 1:
@@ -140,6 +151,7 @@ def all_gather_object(obj, group: CommGroup) -> list:
     return out
 
 
+@_eager
 def gather_object(obj, group: CommGroup) -> list | None:
     """Python objects from every group rank on group rank 0 (None elsewhere); host memory, through gloo."""
     if group.size == 1:
@@ -160,6 +172,7 @@ class _Pending:
         self._works, self._ops = [], []
 
 
+@_eager
 def exchange(
     group: CommGroup,
     sends: list[tuple[torch.Tensor, int]] = (),

@@ -58,6 +58,9 @@ class ModelSection:
     # T2V / 0.9 I2V), and the expert the student starts from (docs/wan_family.md, "A14B student").
     boundary: Optional[float] = None
     student_expert: str = "high"  # high | low
+    # Regional torch.compile of every DiT block (and the student's fusion block) of every role; transfers stay
+    # eager (parallel/comm.py). The first steps pay the compilation.
+    compile: bool = False
 
 
 @dataclass

@@ -172,6 +172,8 @@ def _build_one_wan(cfg: WanConfig, topo: Topology, res: Resolved, ranges, full: 
     if frozen_dtype is not None:
         model.requires_grad_(False)
         cast_frozen(model, frozen_dtype)
+    if res.raw.model.compile:
+        model.compile_blocks()
     return model
 
 
@@ -200,6 +202,8 @@ def _build_student(res: Resolved, topo: Topology, ranges, full: Mapping | None) 
     student.to_empty(device=topo.device)
     load_full_state(student, Prefixed(full, "", tied), topo)
     wan.activation_checkpointing = p.activation_checkpointing
+    if res.raw.model.compile:
+        student.compile_blocks()
     return student
 
 

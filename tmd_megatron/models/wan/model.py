@@ -238,6 +238,14 @@ class WanModel(nn.Module):
         return (out, hidden) if return_hidden else out
 
     # ---- construction helpers -------------------------------------------------------------------------------
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each block is compiled on its own (every block runs the same code, so they
+        share one compiled graph; a whole-model compile would trace the pipeline stage's variable block range,
+        checkpointing and the layout's collectives). Absent blocks (other pipeline stages) stay as they are."""
+        for block in self.blocks:
+            if isinstance(block, WanBlock):
+                block.compile()
+
     def init_weights(self) -> None:
         """The original WanModel.init_weights scheme (for training from scratch)."""
         for m in self.modules():

@@ -208,7 +208,9 @@ class StepModel:
         """(exposed forward, exposed backward, ring K/V forward, ring K/V backward) seconds of one block on b
         samples: TP/SP and Ulysses collectives and ring dK/dV exposed, ring K/V apart (it overlaps)."""
         lay, cfg = self.lay, self.res.wan
-        common = dict(tp=lay.tp, cp=lay.cp, pp=1, pp_rank=0, blocks=[0], sp=lay.sequence_parallel,
+        # a first stage of two (not the last, no input gradient): the block's own collectives, without the
+        # output merge a last stage adds; its stage-boundary transfers (group "pp") are left out below
+        common = dict(tp=lay.tp, cp=lay.cp, pp=2, pp_rank=0, blocks=[0], sp=lay.sequence_parallel,
                       cp_comm=lay.cp_mode, e=self.e, x_grad=False)
         fwd = pipeline_comm(cfg, self.latent_fhw, b, 1, backward=False, **common)
         both = pipeline_comm(cfg, self.latent_fhw, b, 1, **common)
@@ -216,7 +218,7 @@ class StepModel:
         for key, (calls, nbytes) in both.items():
             f_calls, f_bytes = fwd.get(key, (0, 0))
             for i, (c, nb) in enumerate(((f_calls, f_bytes), (calls - f_calls, nbytes - f_bytes))):
-                if key[0] != "recv" and c and key != ("send", "cp"):  # a recv runs beside its send
+                if key[0] != "recv" and c and key != ("send", "cp") and key[1] != "pp":  # a recv runs beside its send
                     out[i] += self._collective(key[0], key[1], c, nb, stage)
         if lay.cp > 1 and lay.cp_mode == "ring":  # K/V hops overlap with the chunks; the dK/dV hops do not
             lc = F.Shard(lay.tp, lay.cp, lay.sequence_parallel).tokens(F.grid_tokens(cfg, self.latent_fhw))[1]

@@ -1,0 +1,124 @@
+"""Issue 16: the step-time model's parts (training/timing.py) against independent references: the pipeline
+simulator against closed forms, the compute term against the FLOP counts (themselves held against torch's
+FlopCounterMode in test_flops.py), the communication term against comm_model.pipeline_comm for a whole stage (held
+against the comm counter of the real layouts in test_parallel_*rank.py), and the CLI (`tmd-plan --time/--search`).
+The prediction against the measured trainer is `make bench` (docs/benchmarks.md)."""
+import dataclasses
+import math
+
+import pytest
+
+from tmd_megatron.cli.plan import main as plan_main
+from tmd_megatron.parallel.comm_model import pipeline_comm
+from tmd_megatron.parallel.pipeline import simulate_pipeline
+from tmd_megatron.training import flops as TF
+from tmd_megatron.training.config import compose, resolve
+from tmd_megatron.training.timing import EXPOSED, Profile, StepModel
+
+HUGE = 1e12
+# Every rate unbounded and every fixed cost zero: the test profiles below switch on one term at a time.
+FREE = Profile("free", peak_tflops=1.0, gemm_tflops=HUGE, attn_fwd_tflops=HUGE, attn_bwd_tflops=HUGE, mem_gbps=HUGE,
+               intra_gbps=HUGE, inter_gbps=HUGE, intra_latency_us=0.0, inter_latency_us=0.0, ranks_per_node=8)
+
+
+def test_forward_pass_makespan_with_transfers():
+    p, m, f, tau = 3, 5, 1.0, 0.25
+    wall, busy = simulate_pipeline([f] * p, [0.0] * p, m, "forward", transfer=tau)
+    assert wall == pytest.approx((p - 1) * (f + tau) + m * f)
+    assert busy == pytest.approx([m * f] * p)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_one_shared_core_is_never_idle(schedule):
+    """With one core for every rank and free transfers some op is always ready, so the pass takes exactly the sum
+    of all ops; with unbounded cores the same pass takes (m + p − 1) (f + b) on equal stages."""
+    p, m = 2, 4
+    f = [[1.0, 2.0, 1.0, 3.0], [2.0, 1.0, 1.0, 1.0]]
+    b = [[2.0, 1.0, 2.0, 2.0], [1.0, 3.0, 1.0, 2.0]]
+    wall, busy = simulate_pipeline(f, b, m, schedule, cores=1.0)
+    assert wall == pytest.approx(sum(map(sum, f)) + sum(map(sum, b)))
+    assert sum(busy) == pytest.approx(wall)
+    wall, _ = simulate_pipeline([1.0] * p, [2.0] * p, m, schedule)
+    assert wall == pytest.approx((m + p - 1) * 3.0)
+
+
+def _res(*overrides):
+    return resolve(compose(["experiment=tiny_smoke", *overrides]))
+
+
+@pytest.mark.parametrize("method", ["flow_matching", "tm_mf", "tmd"])
+def test_compute_term_is_flops_over_rate(method):
+    """Only GEMMs cost time (1 TFLOP/s): one rank's predicted step is its GEMM FLOPs of the step (every pass, every
+    microbatch, checkpointing re-runs included) over the rate."""
+    res = _res(f"method={method}")
+    prof = dataclasses.replace(FREE, gemm_tflops=1.0)
+    model = StepModel(res, 1, prof)
+    m = model.lay.microbatches
+    for generator in (True, False):
+        flops = TF.per_rank_step(TF.stage_passes(res, model.st, 0, generator), m)
+        assert model.step(generator)[0] == pytest.approx(flops.gemm / 1e12, rel=1e-9)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=false"],
+                                    ["parallel.cp=2", "parallel.cp_comm=ulysses"]])
+def test_exposed_collectives_are_the_stage_bytes(layout):
+    """Flow matching on two ranks, links of 1 GB/s without latency: the exposed collective time of a step is every
+    collective of the stage (pipeline_comm over all blocks, with the output merge) at its ring factor over the
+    bandwidth. The model builds it per block and per pass, so this checks that composition."""
+    res = _res("method=flow_matching", *layout)
+    prof = dataclasses.replace(FREE, intra_gbps=1.0)
+    model = StepModel(res, 2, prof)
+    lay, m = model.lay, model.lay.microbatches
+    table = pipeline_comm(res.wan, tuple(res.raw.data.latent)[1:], lay.micro_batch, m, tp=lay.tp, cp=lay.cp, pp=1,
+                          pp_rank=0, blocks=range(res.wan.num_layers), sp=lay.sequence_parallel,
+                          cp_comm=lay.cp_mode, e=4, x_grad=False)
+    n = 2
+    factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+              "all_to_all": (n - 1) / n}
+    expect = sum(factor[op] * nbytes for (op, _), (_, nbytes) in table.items()) / 1e9
+    parts = model.step(True)[1]
+    assert expect > 0 and parts[EXPOSED] == pytest.approx(expect, rel=1e-9)
+
+
+def test_pipeline_idle_comes_from_the_schedule():
+    """PP2 with m = 4 and only GEMMs costing time: the predicted idle of the passes is at least the schedule's
+    bubble (p − 1)/(m + p − 1) and close to it (the stages are balanced by FLOPs)."""
+    res = _res("method=flow_matching", "parallel.pp=2", "data.global_batch=8", "parallel.microbatches=4")
+    prof = dataclasses.replace(FREE, gemm_tflops=1.0)
+    pred = StepModel(res, 2, prof).predict()
+    bound = 1 / 5
+    assert bound - 1e-9 <= pred.idle < bound + 0.1, pred.idle
+
+
+def test_plan_time_and_search(capsys):
+    base = ["wan1.3b_tmd_n2h5_m1", "--layout-only", "model.init=/x"]
+    assert plan_main([*base, "--world", "8", "--time", "--cluster", "h100-ib"]) == 0
+    out = capsys.readouterr().out
+    line = next(s for s in out.splitlines() if s.startswith("predicted time per iteration on h100-ib"))
+    assert float(line.split(": ")[1].split(" s")[0]) > 0
+    assert plan_main([*base, "--world", "8", "--search", "--device-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    rows = [s for s in out.splitlines() if s[:4].strip().isdigit()]
+    assert len(rows) == 10
+    seconds = [float(r.split()[-5]) for r in rows]
+    assert seconds == sorted(seconds)
+    # the winner's overrides compose into a recipe the planner accepts
+    over = out.split("overrides of #1: ")[1].split()
+    assert plan_main(["wan1.3b_tmd_n2h5_m1", "--layout-only", "model.init=/x", "--world", "8", *over]) == 0
+
+
+def test_plan_refuses_an_unknown_profile(capsys):
+    code = plan_main(["tiny_smoke", "--world", "1", "--time", "--cluster", "nope-ib"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope-ib" in err and "h100-ib" in err and "Traceback" not in err
+
+
+def test_block_traffic_scales_with_tokens():
+    """The elementwise bytes of a block grow linearly in the tokens (beyond the text's fixed share)."""
+    from tmd_megatron.training.timing import block_traffic
+
+    cfg = _res().wan
+    a, b = block_traffic(cfg, 64, 1), block_traffic(cfg, 128, 1)
+    assert 1.5 < b[0] / a[0] < 2.0 and 1.5 < b[2] / a[2] < 2.0
+    assert math.isclose(a[1], b[1])  # the same ops

@@ -157,6 +157,8 @@ def run_layout(case: dict) -> dict:
     model = parallelize(cfg, topo, ref["before"], sequence_parallel=sp, cp_comm=cp_comm, dtype=dtype,
                         backend=case.get("backend", "torch"))
     model.activation_checkpointing = ac
+    if case.get("compile"):
+        model.compile_blocks()
     zero = ZeroAdamW(model, topo, weight_decay=WEIGHT_DECAY, no_decay=NO_DECAY, **ADAM[dtype])
 
     b_local = BATCH // dp

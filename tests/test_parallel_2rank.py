@@ -1,6 +1,6 @@
 """Two gloo ranks, launched with SLURM variables: every 2-rank layout against one process (fp32, fp64 with
 activation checkpointing, bf16 autocast; also for a Wan2.1 I2V model and Wan2.2 per-token timesteps), the comm
-accounting, negative controls, the pipeline engine on a generic stage function, and a two-expert (A14B) model
+accounting, compiled blocks (model.compile), negative controls, the pipeline engine on a generic stage function, and a two-expert (A14B) model
 through ExpertStage. One spawn."""
 import pytest
 
@@ -30,14 +30,19 @@ SABOTAGE = {
     "extra_counted": dict(tp=2, sabotage="extra_counted"),
     "extra_raw": dict(tp=2, sabotage="extra_raw"),
 }
+# model.compile=true: every block compiled on its own (inductor on CPU), collectives left eager; with
+# activation checkpointing under TP+SP (checkpointed compiled regions), and under both CP kinds
+COMPILED = {"tp2_sp_ac_compiled": dict(tp=2, sp=True, ac=True, compile=True),
+            "cp2_ring_compiled": dict(cp=2, cp_comm="ring", compile=True),
+            "cp2_ulysses_compiled": dict(cp=2, cp_comm="ulysses", compile=True)}
 FAMILY = {f"{variant}_{name}": {**layout, "variant": variant} for variant in ("i2v", "ti2v")
           for name, layout in LAYOUTS.items()}
-CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **BF16, **FAMILY, **SABOTAGE}
+CASES = {**with_fp64_ac(LAYOUTS), **EXTRA, **BF16, **COMPILED, **FAMILY, **SABOTAGE}
 
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(run_suite_with_experts, 2, CASES, timeout=600, launcher="slurm")
+    return run_ranks(run_suite_with_experts, 2, CASES, timeout=1200, launcher="slurm")
 
 
 @pytest.mark.parametrize("name", [k for k in CASES if k not in SABOTAGE])

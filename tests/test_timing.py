@@ -122,3 +122,4 @@ def test_block_traffic_scales_with_tokens():
     a, b = block_traffic(cfg, 64, 1), block_traffic(cfg, 128, 1)
     assert 1.5 < b[0] / a[0] < 2.0 and 1.5 < b[2] / a[2] < 2.0
     assert math.isclose(a[1], b[1])  # the same ops
+

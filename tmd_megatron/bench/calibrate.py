@@ -8,7 +8,9 @@ trainer's ranks run here:
 - elementwise: the memory bandwidth that explains what is left of a Wan block's measured time (its bytes and ops
   counted by models.flops.elementwise_traffic);
 - gloo: send/recv, all-reduce, all-gather, reduce-scatter and all-to-all between two ranks (bench/ranks.py), fitted
-  to latency + bytes / bandwidth with the ring factors the model uses;
+  to latency + bytes / bandwidth with the ring factors the model uses; then the latency of a collective inside
+  training, from flow-matching steps of the real trainer under TP2 + SP (`collective_latency`);
+- no overlap: gloo's transfers need the cores the ranks compute on;
 - cores: the CPUs this process may run on (ranks share them).
 
     python -m tmd_megatron.bench.calibrate            # writes ~/.cache/tmd_megatron/cpu_profile.json ($TMD_CPU_PROFILE)
@@ -17,6 +19,7 @@ trainer's ranks run here:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -145,6 +148,38 @@ def gloo_link() -> tuple[float, float]:
     return max(0.0, float(alpha)), 1.0 / float(inv_bw)
 
 
+def collective_latency(prof, steps: int = 5) -> tuple[float, float]:
+    """(seconds per collective call, predicted / measured on CP2 ring) from flow-matching steps of the real trainer
+    (the TIME_MODEL of bench/perf.py) under TP2 + SP. A collective inside training costs more than between plain
+    products (the microbenchmark above): the two ranks reach it at slightly different times (every call waits for
+    the later one) and gloo's copies take cycles from the computing ranks. The call latency is solved from the
+    measured step with everything else as measured above; CP2 ring is then predicted as a check. These runs are
+    flow matching only: the step-time table predicts TM-MF and TMD steps, on more layouts."""
+    import dataclasses
+
+    from tmd_megatron.training.config import compose, resolve
+    from tmd_megatron.training.timing import StepModel
+
+    from .launch import run_cases
+    from .perf import _time_recipe
+
+    def measured(extra):
+        over = _time_recipe(["method=flow_matching", *extra], False)
+        got = run_cases([("step_time", {"overrides": over, "steps": steps})], 2, timeout=900)[0][0]
+        return resolve(compose(over)), statistics.median(s["wall"] for s in got["steps"]), got["latent"]
+
+    def predicted(res, latent, alpha):
+        p = dataclasses.replace(prof, intra_latency_us=alpha * 1e6, inter_latency_us=alpha * 1e6)
+        return StepModel(res, 2, p, latent=latent).step(True)[0]
+
+    res, wall, latent = measured(["parallel.tp=2"])
+    a0 = prof.intra_latency_us * 1e-6
+    base, per = predicted(res, latent, a0), predicted(res, latent, a0 + 1e-3) - predicted(res, latent, a0)
+    alpha = max(a0, a0 + (wall - base) / per * 1e-3)
+    res, wall, latent = measured(["parallel.cp=2"])
+    return alpha, predicted(res, latent, alpha) / wall
+
+
 def measure():
     from tmd_megatron.training.timing import Profile
 
@@ -162,7 +197,11 @@ def measure():
                    intra_gbps=link / 1e9, inter_gbps=link / 1e9, intra_latency_us=alpha * 1e6,
                    inter_latency_us=alpha * 1e6, ranks_per_node=1 << 20, cores=float(cores),
                    gemm_call_us=gemm_t0 * 1e6, attn_call_us=attn_f[1] * 1e6, op_us=op * 1e6, memory_gib=0.0,
-                   dtype="fp32")
+                   dtype="fp32", overlap_comm=False)
+    alpha, check = collective_latency(prof)
+    print(f"collective latency in training {alpha * 1e6:.0f} us (between products {prof.intra_latency_us:.0f} us); "
+          f"flow matching on CP2 ring predicted / measured {check:.2f}")
+    prof = dataclasses.replace(prof, intra_latency_us=alpha * 1e6, inter_latency_us=alpha * 1e6)
     return prof, (load0, load_average())
 
 

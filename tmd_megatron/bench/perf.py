@@ -1,5 +1,5 @@
 """`make bench`: performance ratios, each measured side by side in one run, written as markdown tables into
-docs/benchmarks.md (between the `perf:begin` / `perf:end` markers) with the command that produced them.
+docs/benchmarks.md (each part between its `perf-PART:begin` / `perf-PART:end` markers) with the command that produced them.
 
     python -m tmd_megatron.bench.perf                 # all ratios (about 10 minutes on 2 shared CPU cores)
     python -m tmd_megatron.bench.perf --smoke         # tiny sizes, prints only (the test suite runs this)
@@ -23,7 +23,7 @@ from .comm_bound import SCALARS, minimum_received, received
 from .launch import run_cases
 from .timing import load_average
 
-PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "ring", "sampling", "time")
+PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "ring", "sampling", "time", "compile")
 
 
 def _ms(seconds: float) -> str:
@@ -321,6 +321,39 @@ def time_table(results: dict, smoke: bool, profile) -> str:
     return "\n".join(out)
 
 
+COMPILE_LAYOUTS = {"single": TIME_LAYOUTS["single"], "TP2 + SP, AC": (2, ["parallel.tp=2",
+                                                                          "parallel.activation_checkpointing=true"])}
+
+
+def _compile_cases(smoke: bool):
+    layouts = dict(list(COMPILE_LAYOUTS.items())[:1]) if smoke else COMPILE_LAYOUTS
+    stages = dict(list(TIME_STAGES.items())[1:]) if smoke else TIME_STAGES
+    return [((lay, stage, compiled), world,
+             ("step_time", {"overrides": _time_recipe([*extra, *s_extra, f"model.compile={str(compiled).lower()}"],
+                                                      smoke), "warmup": 2, "steps": 2 if smoke else 4}))
+            for lay, (world, extra) in layouts.items() for stage, s_extra in stages.items()
+            for compiled in (False, True)]
+
+
+def compile_table(results: dict) -> str:
+    out = [f"Real trainer steps with `model.compile=true` (each DiT block and the fusion block compiled on its own by "
+           f"inductor; collectives eager) against eager, same recipe and seed (dim {TIME_MODEL['dim']}, "
+           f"{TIME_MODEL['num_layers']} blocks, 192 video tokens, 8 samples in 4 microbatches, fp32, one thread per "
+           "rank). Step time: median of the steps after two warm-up steps (stage 2: every step, generator and "
+           "critic-only alike); the warm-up steps hold the compilation. Numerics: tests/test_compile.py and the "
+           "compiled layouts of tests/test_parallel_2rank.py.", "",
+           "| layout | stage | eager step | compiled step | **speedup** | first two steps, compiled | other jobs "
+           "(cores) |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({k[:2] for k in results}, key=list(results).index)
+    for lay, stage in keys:
+        eager, comp = results[(lay, stage, False)][0], results[(lay, stage, True)][0]
+        te = statistics.median(s["wall"] for s in eager["steps"])
+        tc = statistics.median(s["wall"] for s in comp["steps"])
+        out.append(f"| {lay} | {stage} | {_ms(te)} | {_ms(tc)} | **{te / tc:.2f}** | {sum(comp['warmup']):.1f} s | "
+                   f"{max(eager['other_cores'], comp['other_cores']):.2f} |")
+    return "\n".join(out)
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 def run(parts, smoke: bool) -> dict[str, str]:
     tables = {}
@@ -354,16 +387,17 @@ def run(parts, smoke: bool) -> dict[str, str]:
     if "sampling" in parts:
         tables["sampling"] = sampling_table(smoke)
     if "time" in parts:
-        from tmd_megatron.training.timing import load_profile
+        from .calibrate import measure
+        from tmd_megatron.training.timing import cpu_profile_path, save_profile
 
-        if smoke:
-            from .calibrate import measure
-
-            profile = measure()[0]
-        else:
-            profile = load_profile("cpu")
+        profile = measure()[0]  # the `cpu` profile of this machine now, as `bench.calibrate` writes it
+        if not smoke:
+            save_profile(profile, cpu_profile_path())
         res = {key: _quiet_run(case, world) for key, world, case in _time_cases(smoke)}
         tables["time"] = time_table(res, smoke, profile)
+    if "compile" in parts:
+        res = {key: _quiet_run(case, world) for key, world, case in _compile_cases(smoke)}
+        tables["compile"] = compile_table(res)
     return tables
 
 
@@ -372,36 +406,35 @@ TITLES = {"dit": "Our Wan DiT vs diffusers", "jvp": "TM-MF step: FD-JVP vs exact
           "pipeline": "Pipeline idle fraction of the trio vs (p−1)/(m+p−1)",
           "memory": "Planner memory estimate vs measured peak",
           "ring": "Ring attention memory vs length (CP2)", "sampling": "Sampling cost vs effective NFE",
-          "time": "Step time: predicted (`cpu` profile) vs measured, with the MFU column"}
+          "time": "Step time: predicted (`cpu` profile) vs measured, with the MFU column",
+          "compile": "Compiled blocks vs eager"}
 
 
-def render(tables: dict[str, str], command: str, seconds: float, load: tuple[float, float]) -> str:
+def render(key: str, table: str, command: str, seconds: float, load: tuple[float, float]) -> str:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     head = (f"Produced by `{command}` on {when} ({platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}) in {seconds / 60:.1f} min; load average {load[0]:.1f} at the start, "
             f"{load[1]:.1f} at the end (the 2 cores are shared with other jobs).")
-    body = [head]
-    for key in PARTS:
-        if key in tables:
-            body += ["", f"### {TITLES[key]}", "", tables[key]]
-    return "\n".join(body)
+    return f"{head}\n\n{table}"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat; prints, never writes the doc")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}; a subset only prints (the doc keeps the full table)")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--no-write", action="store_true", help=f"print only; do not update {DOC.name}")
     args = ap.parse_args(argv)
     parts = [p for p in args.only.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown parts {unknown}; choose from {PARTS}")
-    t0, load0 = time.time(), load_average()
-    tables = run(parts, args.smoke)
     command = command_line("tmd_megatron.bench.perf", argv)
-    publish("perf", render(tables, command, time.time() - t0, (load0, load_average())),
-            write=not (args.smoke or args.no_write or set(parts) != set(PARTS)))
+    for key in parts:  # each part is its own section of the doc: a rerun of one part rewrites only its table
+        t0, load0 = time.time(), load_average()
+        table = run([key], args.smoke)[key]
+        print(f"\n### {TITLES[key]}\n")
+        publish(f"perf-{key}", render(key, table, command, time.time() - t0, (load0, load_average())),
+                write=not (args.smoke or args.no_write))
 
 
 if __name__ == "__main__":

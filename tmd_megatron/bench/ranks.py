@@ -97,6 +97,40 @@ def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
     return {"rank": topo.world.rank, "stage": topo.pp.rank, "steps": records}
 
 
+class _CommClock:
+    """Wall time spent inside parallel/comm.py's transfers (the calls and the waits of asynchronous ones) while
+    it is installed: how much of a step the ranks spend communicating or waiting for each other."""
+
+    NAMES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "exchange")
+
+    def __init__(self):
+        from tmd_megatron.parallel import comm
+
+        self.comm, self.seconds, self.saved = comm, 0.0, {}
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+    def __enter__(self):
+        for name in self.NAMES:
+            self.saved[name] = getattr(self.comm, name)
+            setattr(self.comm, name, self._wrap(self.saved[name]))
+        self.saved["wait"] = self.comm._Pending.wait
+        self.comm._Pending.wait = self._wrap(self.saved["wait"])
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.NAMES:
+            setattr(self.comm, name, self.saved[name])
+        self.comm._Pending.wait = self.saved["wait"]
+
+
 def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: int = 4) -> dict:
     """Wall time of each trainer step (after `warmup` steps), with whether it was a generator step, and the
     latent shape the steps ran on: what the step-time model predicts (training/timing.py)."""
@@ -105,23 +139,27 @@ def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: i
     res, topo, make = _trainer(overrides, out_dir)
     trainer = make()
     trainer.start()
-    for _ in range(warmup):
+    warm = []
+    for _ in range(warmup):  # the first steps also pay one-time costs (model.compile=true: the compilation)
+        t0 = time.perf_counter()
         trainer.advance()
+        warm.append(time.perf_counter() - t0)
     records = []
     comm.all_reduce(torch.zeros(1), topo.world)
     busy0, own0, wall0 = _busy_cpu(), time.process_time(), time.perf_counter()
     for _ in range(steps):
         generator = "student" in trainer.updates_this_step()
         comm.all_reduce(torch.zeros(1), topo.world)  # every rank starts the step together
-        t0 = time.perf_counter()
-        trainer.advance()
-        records.append({"generator": generator, "wall": time.perf_counter() - t0})
+        with _CommClock() as clock:
+            t0 = time.perf_counter()
+            trainer.advance()
+        records.append({"generator": generator, "wall": time.perf_counter() - t0, "comm": clock.seconds})
     own = sum(comm.all_gather_object(time.process_time() - own0, topo.world))
     wall = time.perf_counter() - wall0
     # the machine's CPU use besides this launch's ranks, in cores: another job's load skews every timing here
     others = max(0.0, (_busy_cpu() - busy0 - own) / wall)
     return {"rank": topo.world.rank, "steps": records, "latent": list(trainer.last_batch["latent"].shape[2:]),
-            "other_cores": others}
+            "other_cores": others, "warmup": warm}
 
 
 def _busy_cpu() -> float:

@@ -56,6 +56,10 @@ class Profile:
     op_us: float = 0.0  # per elementwise op (CPU dispatch; GPU launches overlap with the device)
     memory_gib: float = 80.0
     dtype: str = "bf16"
+    # GPUs: NCCL's transfers run beside the kernels, so ring attention's K/V rotation hides behind the chunk it
+    # serves. CPUs: gloo's threads and the loopback copies need the same cores the ranks compute on, so nothing
+    # overlaps (measured: bench/calibrate.py)
+    overlap_comm: bool = True
 
     def group_link(self, ranks) -> tuple[float, float]:
         """(latency s, bandwidth B/s) of a group of world ranks."""
@@ -241,25 +245,28 @@ class StepModel:
         attn_rate = (p.attn_bwd_tflops if backward else p.attn_fwd_tflops) * 1e12
         gemm = f.gemm / (p.gemm_tflops * 1e12) + f.gemm_calls * p.gemm_call_us * 1e-6
         attn = f.attn / attn_rate + f.attn_calls * p.attn_call_us * 1e-6
-        # ring K/V rotation hides behind the attention of the block it serves
+        # ring K/V rotation hides behind the attention of the block it serves (where transfers overlap)
         blocks = f.block_bwd if backward else f.block_fwd
-        hidden = max(0.0, ring * blocks - attn)
-        return gemm + attn + elem + hidden
+        shown = max(0.0, ring * blocks - attn) if p.overlap_comm else ring * blocks
+        return gemm + attn + elem, shown
 
-    def op_costs(self, ps, stage: int) -> tuple[float, float, float]:
-        """(forward, backward, of which exposed collectives) seconds of one microbatch of pass `ps` on `stage`.
-        A forward-only pass whose forward runs a backward of its own (the discriminator's step inside the teacher's
-        forward) counts it in the forward op."""
+    def op_costs(self, ps, stage: int) -> tuple[float, float, float, float]:
+        """(forward compute, backward compute, forward collectives, backward collectives) seconds of one
+        microbatch of pass `ps` on `stage`; the collectives are the exposed ones. A forward-only pass whose forward
+        runs a backward of its own (the discriminator's step inside the teacher's forward) counts it in the
+        forward op."""
         comm_f, comm_b, ring_f, ring_b = self._block_comm(ps.batch, stage)
         fwd, bwd = ps.forward, ps.backward
         head = self._merges(ps, stage)
-        exposed_f = comm_f * fwd.block_fwd + head
-        exposed_b = comm_b * bwd.block_bwd + comm_f * bwd.block_fwd  # checkpointing re-runs the forward's
-        cf = self._compute(fwd, False, ps.batch, stage, ring_f) + exposed_f
-        cb = self._compute(bwd, True, ps.batch, stage, ring_b) + exposed_b if bwd.total else 0.0
+        cf, shown_f = self._compute(fwd, False, ps.batch, stage, ring_f)
+        xf = comm_f * fwd.block_fwd + head + shown_f
+        cb = xb = 0.0
+        if bwd.total:
+            cb, shown_b = self._compute(bwd, True, ps.batch, stage, ring_b)
+            xb = comm_b * bwd.block_bwd + comm_f * bwd.block_fwd + shown_b  # checkpointing re-runs the forward's
         if ps.forward_only:
-            cf, cb = cf + cb, 0.0
-        return cf, cb, exposed_f + exposed_b
+            cf, cb, xf, xb = cf + cb, 0.0, xf + xb, 0.0
+        return cf, cb, xf, xb
 
     def transfer(self, batch: int) -> float:
         """Seconds for one microbatch's activations to reach the next stage."""
@@ -293,16 +300,22 @@ class StepModel:
             idx = [i for i, ps in enumerate(by_stage[0]) if ps.run == run]
             idx.sort(key=lambda i: not by_stage[0][i].forward_only)  # forward-only parts stream through first
             leading = m * sum(by_stage[0][i].forward_only for i in idx)
-            f_costs, b_costs = [], []
+            tables = [[], [], [], []]  # per stage and microbatch: forward, backward compute; their collectives
             for stage, passes in enumerate(by_stage):
                 costs = [self.op_costs(passes[i], stage) for i in idx]
-                f_costs.append([c[0] for c in costs for _ in range(m)])
-                b_costs.append([c[1] for c in costs for _ in range(m)])
-                parts[EXPOSED] = parts.get(EXPOSED, 0.0) + sum(c[2] for c in costs) * m / lay.pp
+                for k, table in enumerate(tables):
+                    table.append([c[k] for c in costs for _ in range(m)])
+                exposed = sum(c[2] + c[3] for c in costs) * m
+                parts[EXPOSED] = parts.get(EXPOSED, 0.0) + exposed / lay.pp
             n = m * len(idx)
             schedule = "forward" if leading == n else self.res.raw.parallel.schedule
             transfer = max(self.transfer(by_stage[0][i].batch) for i in idx)
-            wall, busy = simulate_pipeline(f_costs, b_costs, n, schedule, transfer, ranks, self.prof.cores,
+            # a rank in a collective waits for peers that share the cores with it (on a CPU): its wait stretches
+            # with the sharing like compute does, so collectives go into the ops the simulator shares (measured:
+            # left unshared, the 8-rank predictions of docs/benchmarks.md fell to half the measured time)
+            f_ops = [[c + x for c, x in zip(cs, xs)] for cs, xs in zip(tables[0], tables[2])]
+            b_ops = [[c + x for c, x in zip(cs, xs)] for cs, xs in zip(tables[1], tables[3])]
+            wall, busy = simulate_pipeline(f_ops, b_ops, n, schedule, transfer, ranks, self.prof.cores,
                                            forward_only=0 if leading == n else leading)
             total += wall
             wall_sum += wall * lay.pp
@@ -316,21 +329,23 @@ class StepModel:
             t = moves * m * self._collective("send", "pp", 1, nbytes) / share
             total += t
             parts["stage-to-stage sample transfers"] = t
-        opt = self._optimizer(generator) / share
+        compute, collectives = self._optimizer(generator)
+        opt = (compute + collectives) / share
         total += opt
         parts["gradient reduction + optimizer"] = opt
         return total, parts, (busy_sum / wall_sum if wall_sum else 1.0)
 
-    def _optimizer(self, generator: bool) -> float:
+    def _optimizer(self, generator: bool) -> tuple[float, float]:
+        """(compute, collectives) seconds of gradient reduction and the optimizer step, on the slowest stage."""
         lay, p = self.lay, self.prof
         shard = lay.dp * lay.cp
         roles = ["student", "fake", "disc"] if self.res.dmd2v is not None else ["student"]
         if self.res.dmd2v is not None and not generator:
             roles = roles[1:]
-        worst = 0.0
+        worst = (0.0, 0.0)
         for stage in range(lay.pp):
             counts = stage_parameters(self.res, lay.tp, lay.pp, stage)[0]
-            t = 0.0
+            compute = collectives = 0.0
             for role in roles:
                 n = counts.get(role, 0)
                 if not n:
@@ -338,12 +353,12 @@ class StepModel:
                 red, step = zero_comm([n], tp=lay.tp, dp_cp=shard, tp_partial_numel=0)
                 for table in (red, step):
                     for (op, group), (calls, nbytes) in table.items():
-                        t += self._collective(op, group, calls, nbytes, stage)
+                        collectives += self._collective(op, group, calls, nbytes, stage)
                 # flatten grads and copy weights back (24 B per local parameter), the AdamW step on the shard
                 # (~20 passes of 4 B over master, grad and moments), the grad-norm sum (8 B)
-                t += (n * 24 + n / shard * (80 + 8)) / (p.mem_gbps * 1e9)
-            worst = max(worst, t)
-        return worst + 4 * self._collective("all_reduce", "world", 1, 64)  # metrics, norms, stop flags
+                compute += (n * 24 + n / shard * (80 + 8)) / (p.mem_gbps * 1e9)
+            worst = max(worst, (compute, collectives), key=sum)
+        return worst[0], worst[1] + 4 * self._collective("all_reduce", "world", 1, 64)  # metrics, norms, stops
 
     def predict(self) -> Prediction:
         gen, gen_parts, gen_busy = self.step(True)

@@ -1,6 +1,6 @@
 #!/bin/bash
-# TMD distillation of Wan2.1-T2V-14B on 8 nodes x 8 H100 (80 GB): TP8 inside each node (NVLink), DP8
-# across nodes with ZeRO-1. Submit from any directory that has a logs/ subdirectory:
+# TMD distillation of Wan2.1-T2V-14B on 8 nodes x 8 H100 (80 GB): TP4 + SP x CP2 ring inside each node (NVLink),
+# two pipeline stages, DP4 with ZeRO-1 (the layout search's choice: recipes/parallel/h100_14b.yaml). Submit from any directory that has a logs/ subdirectory:
 #   mkdir -p logs && sbatch launch/tmd_14b.sh
 # Every TMD_* value below can be overridden at submission (VAR=value sbatch ...), and every #SBATCH
 # option on the sbatch command line (sbatch --nodes=4 launch/tmd_14b.sh). The job checkpoints and
@@ -27,11 +27,12 @@ set -euo pipefail
 : "${TMD_RUN_DIR:=$PWD/runs/${SLURM_JOB_NAME:-tmd-14b}}"
 : "${TMD_OVERRIDES:=}"             # extra hydra overrides, space separated
 : "${TMD_TRAIN_CMD:=tmd-train}"
-# Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). The planner
-# estimates 56.2 GiB per rank for stage 2 at TP8 (TP4 x CP2: 86.7 GiB, over 80 GB): `tmd-plan wan14b_tmd_n4h5_m1 --world 64 ...`.
-: "${TMD_TP:=8}"
-: "${TMD_CP:=1}"
-: "${TMD_PP:=1}"
+# Parallel layout of one model replica; DP = nodes * ranks per node / (TP * CP * PP). The recipe's own layout
+# (recipes/parallel/h100_14b.yaml: TP4 x CP2 x PP2, 65.1 GiB per rank for stage 2, 40.1 s per iteration predicted;
+# TMD_TP=8 TMD_CP=1 TMD_PP=1: 55.6 GiB, 44.2 s): `tmd-plan wan14b_tmd_n4h5_m1 --world 64 --time ...`.
+: "${TMD_TP:=4}"
+: "${TMD_CP:=2}"
+: "${TMD_PP:=2}"
 : "${TMD_DEVICE:=}"                # empty: the recipe's (cuda); cpu selects gloo (tests)
 : "${TMD_BACKEND:=}"               # empty: the recipe's; te | torch
 : "${TMD_MAX_STEPS:=}"             # empty: the recipe's

@@ -131,7 +131,7 @@ CASES: list[Case] = [
         "tiny_smoke", "--world", "1", "+parallel.fast=true"], 2, "unknown recipe keys"),
     Case("plan-layout-only", "tmd-plan", "14B stage 2 before stage 1 exists, --layout-only", lambda w, d: [
         "wan14b_tmd_n4h5_m1", "--world", "64", "--device-memory", "80", "model.init=/not/yet", "--layout-only"], 0,
-         "DP8 x PP1 x CP1 x TP8"),
+         "DP4 x PP2 x CP2 x TP4"),
     # ---- tmd-sample ---------------------------------------------------------------------------------------------
     Case("sample-teacher-steps-zero", "tmd-sample", "--teacher-steps 0", lambda w, d: [
         w / "teacher", "--sampler", "teacher", "--teacher-steps", "0", "--prompts", "a", "--synthetic", "--out",

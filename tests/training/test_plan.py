@@ -97,7 +97,7 @@ def test_cli_exit_codes(capsys):
     assert plan_main(["wan14b_tmd_n4h5_m1", "model.init=/x", "--world", "64", "--device-memory", "80",
                       "--layout-only"]) == 0
     out = capsys.readouterr().out
-    assert "DP8 x PP1 x CP1 x TP8" in out and "total" in out
+    assert "DP4 x PP2 x CP2 x TP4" in out and "total" in out
     # without --layout-only the files are checked too: none of them exist here
     assert plan_main(["wan14b_tmd_n4h5_m1", "model.init=/x", "--world", "64", "--device-memory", "80"]) == 2
     err = capsys.readouterr().err

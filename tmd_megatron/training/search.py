@@ -93,4 +93,11 @@ def search(res, world: int, profile: Profile, device_memory_gib: float | None = 
         if progress:
             progress(len(found))
     found.sort(key=lambda c: (c.prediction.seconds, c.memory_gib))
-    return found[:top], valid, fit
+    # the teacher's storage dtype changes memory, not time (its GEMMs run in the compute dtype either way): of
+    # two such twins only the one with less memory is worth printing
+    seen, kept = set(), []
+    for c in found:
+        if c.layout not in seen:
+            seen.add(c.layout)
+            kept.append(c)
+    return kept[:top], valid, fit

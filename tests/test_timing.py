@@ -123,3 +123,13 @@ def test_block_traffic_scales_with_tokens():
     assert 1.5 < b[0] / a[0] < 2.0 and 1.5 < b[2] / a[2] < 2.0
     assert math.isclose(a[1], b[1])  # the same ops
 
+
+
+def test_collectives_take_no_core_but_wait_for_shared_peers():
+    """Ops of 1 s compute + 1 s collective, two stages on one core, two microbatches forward only: the collectives
+    of both stages overlap each other and take no core (7 s, not the 8 s of all work in series), the compute is
+    shared (2 s while both stages compute) and only compute counts as busy."""
+    wall, busy = simulate_pipeline([1.0, 1.0], [0.0, 0.0], 2, "forward", cores=1.0, f_comm=[1.0, 1.0])
+    assert wall == pytest.approx(7.0) and busy == pytest.approx([2.0, 2.0])
+    wall, busy = simulate_pipeline([1.0], [0.0], 1, "forward", f_comm=[1.0])
+    assert wall == pytest.approx(2.0) and busy == pytest.approx([1.0])

@@ -50,6 +50,13 @@ def _fit(samples: list[tuple[float, float, float]], t0: float) -> float:
     return float(x @ x / (x @ y))
 
 
+def speed_probe() -> float:
+    """GFLOP/s of one thread on a fixed GEMM loop (about 0.2 s): the machine's speed now, to compare a launch with
+    the calibration (this VM's speed drifts by 20 % and more with other tenants)."""
+    a, b = torch.randn(384, 256), torch.randn(256, 1024)
+    return 20 * 2 * 384 * 256 * 1024 / _median_time(lambda: [torch.mm(a, b) for _ in range(20)], 9) / 1e9
+
+
 def call_times() -> tuple[float, float, float]:
     """Seconds of a nearly empty linear, attention and elementwise call (with autograd recording, as in training):
     the fixed cost of each kernel call here (Python, dispatch, autograd)."""
@@ -161,7 +168,7 @@ def collective_latency(prof, steps: int = 5) -> tuple[float, float]:
     from tmd_megatron.training.timing import StepModel
 
     from .launch import run_cases
-    from .perf import _time_recipe
+    from .perf_time import _time_recipe
 
     def measured(extra):
         over = _time_recipe(["method=flow_matching", *extra], False)
@@ -185,6 +192,7 @@ def measure():
 
     torch.set_num_threads(1)
     load0 = load_average()
+    probe = speed_probe()
     gemm_t0, attn_t0, op = call_times()
     gemm_rate = _fit(gemm_samples(), gemm_t0)
     f_samples, b_samples = attention_samples()
@@ -197,7 +205,7 @@ def measure():
                    intra_gbps=link / 1e9, inter_gbps=link / 1e9, intra_latency_us=alpha * 1e6,
                    inter_latency_us=alpha * 1e6, ranks_per_node=1 << 20, cores=float(cores),
                    gemm_call_us=gemm_t0 * 1e6, attn_call_us=attn_f[1] * 1e6, op_us=op * 1e6, memory_gib=0.0,
-                   dtype="fp32", overlap_comm=False)
+                   dtype="fp32", overlap_comm=False, probe_gflops=probe)
     alpha, check = collective_latency(prof)
     print(f"collective latency in training {alpha * 1e6:.0f} us (between products {prof.intra_latency_us:.0f} us); "
           f"flow matching on CP2 ring predicted / measured {check:.2f}")

@@ -21,6 +21,7 @@ from . import perf_model
 from .doc import DOC, command_line, publish
 from .comm_bound import SCALARS, minimum_received, received
 from .launch import run_cases
+from .perf_time import _compile_cases, _quiet_run, _time_cases, compile_table, time_table
 from .timing import load_average
 
 PARTS = ("dit", "jvp", "comm", "pipeline", "memory", "ring", "sampling", "time", "compile")
@@ -219,9 +220,12 @@ RING_HEADS, RING_HEAD_DIM = 2, 64  # a 2-head toy model: the issue's 2.6 GB per 
 def _ring_cases(smoke: bool):
     lengths = {"math": (1024,), "auto": (1024, 2048)} if smoke else \
         {"math": (2048, 4096, 8192), "auto": (2048, 4096, 8192, 16384, 32768)}
+    keep = (1024,) if smoke else (4096, 16384)  # the forward's K/V chunks kept for the backward (minimum traffic)
     return [((kernel, n), ("ring_memory", {"tokens": n, "heads": RING_HEADS, "head_dim": RING_HEAD_DIM,
                                             "kernel": kernel}))
-            for kernel, ns in lengths.items() for n in ns]
+            for kernel, ns in lengths.items() for n in ns] + \
+        [(("auto, K/V kept", n), ("ring_memory", {"tokens": n, "heads": RING_HEADS, "head_dim": RING_HEAD_DIM,
+                                                  "kernel": "auto", "keep_kv": True})) for n in keep]
 
 
 def ring_table(results: dict) -> str:
@@ -231,126 +235,17 @@ def ring_table(results: dict) -> str:
            f"{RING_HEAD_DIM}), each length in its own launch; live-tensor peak per rank above the inputs (q, k, v "
            "and the output gradient), from the profiler's allocator events. `math` = the explicit score-block "
            "kernel the ring used before (the tests' reference); `auto` = the fused kernel that returns the "
-           "log-sum-exp (here torch's CPU flash kernel). Planner = `ring_attention_workspace`.", "",
-           "| kernel | tokens per rank | live peak (max over ranks) | bytes per token | planner | time (fwd+bwd) |",
-           "|---|---|---|---|---|---|"]
+           "log-sum-exp (here torch's CPU flash kernel); `auto, K/V kept` = the same with the other ranks' K/V "
+           "chunks kept from the forward for the backward (`RingAttention(keep_kv=True)`: 2/3 of the bytes, the "
+           "minimum of the comm table). Planner = `ring_attention_workspace`. Held for the backward = live bytes a "
+           "forward leaves until its backward (output included): what every attention of a model holds at once.",
+           "", "| kernel | tokens per rank | live peak (max over ranks) | bytes per token | planner | held for the "
+           "backward | time (fwd+bwd) |", "|---|---|---|---|---|---|---|"]
     for (kernel, n), per_rank in results.items():
         peak = max(r["live_peak"] for r in per_rank)
         plan = ring_attention_workspace(1, n, RING_HEADS * RING_HEAD_DIM, 4) if kernel == "auto" else None
         out.append(f"| {kernel} | {n:,} | {_mib(peak)} | {peak / n:,.0f} | {_mib(plan) if plan else '–'} | "
-                   f"{_ms(max(r['seconds'] for r in per_rank))} |")
-    return "\n".join(out)
-
-
-TIME_MODEL = {"dim": 256, "ffn_dim": 1024, "num_heads": 4, "num_layers": 4}
-TIME_LAYOUTS = {"single": (1, []), "TP2 + SP": (2, ["parallel.tp=2"]), "CP2 ring": (2, ["parallel.cp=2"]),
-                "PP2 (m = 4)": (2, ["parallel.pp=2"]), "TP2 x CP2 x PP2 (m = 4)": (8, ["parallel.tp=2", "parallel.cp=2",
-                                                                                    "parallel.pp=2"])}
-TIME_STAGES = {"stage 1 (TM-MF)": ["method=tm_mf"], "stage 2 (TMD)": []}
-
-
-def _time_recipe(extra: list[str], smoke: bool) -> list[str]:
-    over = ["experiment=tiny_smoke", "data.global_batch=8", "parallel.microbatches=4", "data.synthetic.num_samples=64",
-            "run.max_steps=100", *extra]
-    if not smoke:
-        over += [f"++model.overrides.{k}={v}" for k, v in TIME_MODEL.items()]
-        over += ["++data.synthetic.size=32", "data.latent=[16,3,16,16]"]
-    return over
-
-
-def _time_cases(smoke: bool):
-    layouts = dict(list(TIME_LAYOUTS.items())[:2]) if smoke else TIME_LAYOUTS
-    stages = dict(list(TIME_STAGES.items())[1:]) if smoke else TIME_STAGES
-    return [((lay, stage), world, ("step_time", {"overrides": _time_recipe(extra + s_extra, smoke),
-                                                 "steps": 2 if smoke else 4}))
-            for lay, (world, extra) in layouts.items() for stage, s_extra in stages.items()]
-
-
-QUIET_CORES = 0.3  # other jobs' CPU use (cores) above which a timing is retaken
-
-
-def _quiet_run(case, world: int, tries: int = 3) -> list[dict]:
-    """The case's per-rank results from the launch with the least CPU use by other jobs (up to `tries` launches,
-    stopping at the first under QUIET_CORES; a wait of a minute between tries)."""
-    best = None
-    for attempt in range(tries):
-        got = run_cases([case], world, timeout=1800)[0]
-        if best is None or got[0]["other_cores"] < best[0]["other_cores"]:
-            best = got
-        if best[0]["other_cores"] <= QUIET_CORES:
-            break
-        time.sleep(60)
-    return best
-
-
-def time_table(results: dict, smoke: bool, profile) -> str:
-    from tmd_megatron.training.config import compose, resolve
-    from tmd_megatron.training.timing import StepModel
-
-    out = [f"Real trainer steps (dim {TIME_MODEL['dim']}, FFN {TIME_MODEL['ffn_dim']}, {TIME_MODEL['num_heads']} heads, "
-           f"{TIME_MODEL['num_layers']} blocks, 192 video tokens, 64 text tokens; 8 samples per step in 4 microbatches; "
-           "fp32, one thread per rank on this machine's cores), each layout its own launch; measured = median wall "
-           "time of a step on rank 0 after 2 warm-up steps (stage 2: generator and critic-only steps apart). "
-           "Predicted = `tmd-plan --time --cluster cpu` (training/timing.py) with the `cpu` profile measured by "
-           "`python -m tmd_megatron.bench.calibrate`: "
-           f"GEMM {profile.gemm_tflops * 1e3:.1f} GFLOP/s + {profile.gemm_call_us:.1f} µs per call, attention "
-           f"{profile.attn_fwd_tflops * 1e3:.1f} / {profile.attn_bwd_tflops * 1e3:.1f} GFLOP/s, elementwise "
-           f"{profile.mem_gbps:.2f} GB/s + {profile.op_us:.1f} µs per op, gloo {profile.intra_gbps:.2f} GB/s + "
-           f"{profile.intra_latency_us:.0f} µs, {profile.cores:g} cores shared by the ranks.", "",
-           "| layout | stage | step | ranks | measured | predicted | predicted / measured | model GFLOP/s per rank "
-           "(measured) | MFU (measured) | other jobs (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for (lay, stage), per_rank in results.items():
-        world, extra = TIME_LAYOUTS[lay]
-        res = resolve(compose(_time_recipe(extra + TIME_STAGES[stage], smoke)))
-        r0 = per_rank[0]
-        model = StepModel(res, world, profile, latent=r0["latent"])
-        from tmd_megatron.models.flops import total
-        from tmd_megatron.training.flops import step_flops
-
-        for generator in sorted({s["generator"] for s in r0["steps"]}, reverse=True):
-            walls = [s["wall"] for s in r0["steps"] if s["generator"] == generator]
-            measured = statistics.median(walls)
-            predicted = model.step(generator)[0]
-            kind = "every step" if res.dmd2v is None else ("generator" if generator else "critic only")
-            flops = total(step_flops(res, generator, latent=r0["latent"]).values()).model
-            tflops = flops / measured / world / 1e12
-            out.append(f"| {lay} | {stage} | {kind} | {world} | {_ms(measured)} | {_ms(predicted)} | "
-                       f"**{predicted / measured:.2f}** | {tflops * 1e3:.2f} | {tflops / profile.peak_tflops:.1%} | "
-                       f"{r0['other_cores']:.2f} |")
-    return "\n".join(out)
-
-
-COMPILE_LAYOUTS = {"single": TIME_LAYOUTS["single"], "TP2 + SP, AC": (2, ["parallel.tp=2",
-                                                                          "parallel.activation_checkpointing=true"])}
-
-
-def _compile_cases(smoke: bool):
-    layouts = dict(list(COMPILE_LAYOUTS.items())[:1]) if smoke else COMPILE_LAYOUTS
-    stages = dict(list(TIME_STAGES.items())[1:]) if smoke else TIME_STAGES
-    return [((lay, stage, compiled), world,
-             ("step_time", {"overrides": _time_recipe([*extra, *s_extra, f"model.compile={str(compiled).lower()}"],
-                                                      smoke), "warmup": 2, "steps": 2 if smoke else 4}))
-            for lay, (world, extra) in layouts.items() for stage, s_extra in stages.items()
-            for compiled in (False, True)]
-
-
-def compile_table(results: dict) -> str:
-    out = [f"Real trainer steps with `model.compile=true` (each DiT block and the fusion block compiled on its own by "
-           f"inductor; collectives eager) against eager, same recipe and seed (dim {TIME_MODEL['dim']}, "
-           f"{TIME_MODEL['num_layers']} blocks, 192 video tokens, 8 samples in 4 microbatches, fp32, one thread per "
-           "rank). Step time: median of the steps after two warm-up steps (stage 2: every step, generator and "
-           "critic-only alike); the warm-up steps hold the compilation. Numerics: tests/test_compile.py and the "
-           "compiled layouts of tests/test_parallel_2rank.py.", "",
-           "| layout | stage | eager step | compiled step | **speedup** | first two steps, compiled | other jobs "
-           "(cores) |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({k[:2] for k in results}, key=list(results).index)
-    for lay, stage in keys:
-        eager, comp = results[(lay, stage, False)][0], results[(lay, stage, True)][0]
-        te = statistics.median(s["wall"] for s in eager["steps"])
-        tc = statistics.median(s["wall"] for s in comp["steps"])
-        out.append(f"| {lay} | {stage} | {_ms(te)} | {_ms(tc)} | **{te / tc:.2f}** | {sum(comp['warmup']):.1f} s | "
-                   f"{max(eager['other_cores'], comp['other_cores']):.2f} |")
+                   f"{_mib(max(r['held'] for r in per_rank))} | {_ms(max(r['seconds'] for r in per_rank))} |")
     return "\n".join(out)
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,9 @@ def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: i
         t0 = time.perf_counter()
         trainer.advance()
         warm.append(time.perf_counter() - t0)
+    from .calibrate import speed_probe
+
+    probe = speed_probe()  # the machine's speed during this launch, against the calibration's
     records = []
     comm.all_reduce(torch.zeros(1), topo.world)
     busy0, own0, wall0 = _busy_cpu(), time.process_time(), time.perf_counter()
@@ -159,7 +163,7 @@ def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: i
     # the machine's CPU use besides this launch's ranks, in cores: another job's load skews every timing here
     others = max(0.0, (_busy_cpu() - busy0 - own) / wall)
     return {"rank": topo.world.rank, "steps": records, "latent": list(trainer.last_batch["latent"].shape[2:]),
-            "other_cores": others, "warmup": warm}
+            "other_cores": others, "warmup": warm, "probe": statistics.median([probe, speed_probe()])}
 
 
 def _busy_cpu() -> float:
@@ -209,7 +213,13 @@ def memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
 
 
 def live_tensor_peak(fn) -> tuple[int, object]:
-    """(peak bytes of live tensors while fn() runs, its result), from the profiler's allocator events: its
+    peak, _, result = live_tensor_bytes(fn)
+    return peak, result
+
+
+def live_tensor_bytes(fn) -> tuple[int, int, object]:
+    """(peak bytes of live tensors while fn() runs, bytes still live when it returns, its result), from the
+    profiler's allocator events: its
     running "Total Allocated" counts every tensor allocated after profiling started, less those freed. The CPU
     counterpart of torch.cuda.max_memory_allocated, without malloc's fragmentation and caching that a resident-
     memory peak also holds. Tensors alive before the call are not counted."""
@@ -232,7 +242,7 @@ def live_tensor_peak(fn) -> tuple[int, object]:
     # The counter (c10 ProfiledCPUMemoryReporter) also holds tensors allocated under an earlier profile of this
     # process and still alive: start from its value before the first allocation seen here.
     start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return max(a["Total Allocated"] for a in mem) - start, result
+    return max(a["Total Allocated"] for a in mem) - start, mem[-1]["Total Allocated"] - start, result
 
 
 def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
@@ -251,9 +261,10 @@ def live_memory_case(overrides: list[str], out_dir: str, steps: int) -> dict:
 
 
 def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype: str = "float32",
-                     out_dir: str = "") -> dict:
+                     out_dir: str = "", keep_kv: bool = False) -> dict:
     """Live-tensor peak of one ring-attention forward + backward at `tokens` tokens per rank (batch 1)
-    above its inputs, and its time: the attention workspace the CP path needs."""
+    above its inputs, and its time: the attention workspace the CP path needs; and the bytes a forward leaves
+    for its backward (keep_kv=True also keeps the other ranks' K/V chunks)."""
     from tmd_megatron.parallel import init_topology
     from tmd_megatron.parallel.attention import RingAttention
 
@@ -262,7 +273,7 @@ def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype:
     q, k, v, dout = (torch.randn(1, tokens, heads, head_dim, generator=g).to(getattr(torch, dtype)) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
-    attn = RingAttention(topo.cp, kernel)
+    attn = RingAttention(topo.cp, kernel, keep_kv=keep_kv)
 
     def run():
         t0 = time.perf_counter()
@@ -270,7 +281,11 @@ def ring_memory_case(tokens: int, heads: int, head_dim: int, kernel: str, dtype:
         return time.perf_counter() - t0
 
     peak, seconds = live_tensor_peak(run)
-    return {"rank": topo.world.rank, "live_peak": peak, "seconds": seconds}
+    # what the forward leaves alive for the backward (its output included): what every attention of a model holds
+    # from its forward to its backward
+    _, held, out = live_tensor_bytes(lambda: attn(q, k, v))
+    del out
+    return {"rank": topo.world.rank, "live_peak": peak, "seconds": seconds, "held": held}
 
 
 def gloo_bandwidth_case(out_dir: str = "", sizes=(1 << 14, 1 << 17, 1 << 20, 1 << 22), reps: int = 12) -> dict:

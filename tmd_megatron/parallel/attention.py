@@ -32,13 +32,13 @@ class _RingAttention(torch.autograd.Function):
     outputs are merged by LSE in fp32 (fp64 for fp64 inputs), so no [Lc, Lc] score block is kept and memory is
     linear in the chunk length. Backward hands the *merged* output and LSE to the kernel's backward for each
     chunk (exact: P = exp(S - lse), delta = rowsum(dO * O)) and passes K/V around again rather than keeping
-    the other chunks from the forward (their memory is what the ring saves). The dK/dV of a remote chunk travel
+    the other chunks from the forward (their memory is what the ring saves; keep_kv=True keeps them). The dK/dV of a remote chunk travel
     one rank behind it in fp32, starting where it is first seen, and reach its owner after cp - 1 hops; the
     owner adds its own part last. Padded keys (the end of the sequence) are sliced off, never masked.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, real_keys, group: CommGroup, kernel_name: str):
+    def forward(ctx, q, k, v, real_keys, group: CommGroup, kernel_name: str, keep_kv: bool = False):
         n, r = group.size, group.rank
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
         scale = q.shape[-1] ** -0.5
@@ -49,6 +49,7 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         aux = [None] * n
         k_cur, v_cur = k.contiguous(), v.contiguous()
+        kept = []  # keep_kv: the other ranks' chunks, in the order they arrived, for the backward
         for step in range(n):
             if step < n - 1:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
@@ -65,13 +66,15 @@ class _RingAttention(torch.autograd.Function):
             if step < n - 1:
                 pending.wait()
                 k_cur, v_cur = k_nxt, v_nxt
-        ctx.save_for_backward(q, k, v, out.to(q.dtype) if kernel.name != "math" else out, lse)
-        ctx.group, ctx.kernel, ctx.real_keys, ctx.aux = group, kernel, real_keys, aux
+                if keep_kv:
+                    kept += [k_cur, v_cur]
+        ctx.save_for_backward(q, k, v, out.to(q.dtype) if kernel.name != "math" else out, lse, *kept)
+        ctx.group, ctx.kernel, ctx.real_keys, ctx.aux, ctx.keep_kv = group, kernel, real_keys, aux, keep_kv
         return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *kept = ctx.saved_tensors
         group, kernel = ctx.group, ctx.kernel
         n, r = group.size, group.rank
         nxt, prv = group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
@@ -82,7 +85,7 @@ class _RingAttention(torch.autograd.Function):
         k_cur, v_cur = k.contiguous(), v.contiguous()
         travelling = None  # (dK, dV) of the chunk this rank sees next, sent on by the previous rank
         for step in range(n):
-            if step < n - 1:
+            if step < n - 1 and not ctx.keep_kv:
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 pending = comm.exchange(group, [(k_cur, nxt), (v_cur, nxt)], [(k_nxt, prv), (v_nxt, prv)], True)
             src = (r - step) % n
@@ -104,26 +107,32 @@ class _RingAttention(torch.autograd.Function):
                 comm.exchange(group, [(dk, nxt), (dv, nxt)], [(dk_in, prv), (dv_in, prv)])
                 travelling = (dk_in, dv_in)
             if step < n - 1:
-                pending.wait()
-                k_cur, v_cur = k_nxt, v_nxt
+                if ctx.keep_kv:
+                    k_cur, v_cur = kept[2 * step], kept[2 * step + 1]
+                else:
+                    pending.wait()
+                    k_cur, v_cur = k_nxt, v_nxt
         if travelling is not None:  # everyone else's part of this rank's dK/dV
             dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
-        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype), None, None, None, None
 
 
 class RingAttention(nn.Module):
-    """Ring attention on [B, L_chunk, heads, d]; `kernel` picks the chunk kernel ('auto': fused for the device)."""
+    """Ring attention on [B, L_chunk, heads, d]; `kernel` picks the chunk kernel ('auto': fused for the device).
+    keep_kv=True keeps the other ranks' K/V chunks from the forward for the backward instead of rotating them
+    again: the minimum traffic, for 2(cp - 1) chunks held per attention until its backward (measured against the
+    default in docs/benchmarks.md, "Ring attention memory"; the layouts use the default)."""
 
-    def __init__(self, group: CommGroup, kernel: str = "auto"):
+    def __init__(self, group: CommGroup, kernel: str = "auto", keep_kv: bool = False):
         super().__init__()
-        self.group, self.kernel = group, kernel
+        self.group, self.kernel, self.keep_kv = group, kernel, keep_kv
 
     def forward(self, q, k, v, real_keys=None):
         q, k = q.to(v.dtype), k.to(v.dtype)
         # the merge accumulates in fp32 on purpose: autocast must not turn its arithmetic into bf16
         with torch.autocast(device_type=v.device.type, enabled=False):
             out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), real_keys,
-                                       self.group, self.kernel)
+                                       self.group, self.kernel, self.keep_kv)
         return out.transpose(1, 2)
 
 

@@ -76,14 +76,16 @@ def simulate_schedule(num_stages: int, num_microbatches: int, schedule: str, f_c
 
 
 def simulate_pipeline(f_costs, b_costs, num_microbatches: int, schedule: str = "1f1b", transfer: float = 0.0,
-                      ranks_per_stage: int = 1, cores: float = math.inf, forward_only: int = 0
-                      ) -> tuple[float, list[float]]:
+                      ranks_per_stage: int = 1, cores: float = math.inf, forward_only: int = 0,
+                      f_comm=None, b_comm=None) -> tuple[float, list[float]]:
     """(makespan, busy seconds per stage) of one pipelined pass. f_costs[s] / b_costs[s]: seconds of one forward /
     backward op on stage s at full speed ("forward" schedule: forward ops only); transfer: seconds for an
     activation or its gradient to reach the neighbouring stage. Processor sharing: the busy ranks of all stages
     split `cores` (a CPU's), so an op runs at min(1, cores / busy ranks) of full speed; GPUs: cores = inf. Costs
     may also be given per microbatch (f_costs[s][mb]), for a mixed pass whose first `forward_only` microbatches
-    have no backward."""
+    have no backward. f_comm / b_comm (same shapes; default none): seconds of each op spent in collectives, after
+    its compute, at full speed. A rank waiting in a collective takes no core, but its peers are slowed by the
+    sharing like everyone else, so the wait stretches with the speed of the ranks that compute."""
     p, m = len(f_costs), num_microbatches
     orders = [schedule_order(p, s, m, schedule, forward_only) for s in range(p)]
 
@@ -93,6 +95,7 @@ def simulate_pipeline(f_costs, b_costs, num_microbatches: int, schedule: str = "
 
     done: dict[tuple[str, int, int], float] = {}
     pos, left, busy = [0] * p, [None] * p, [0.0] * p  # left: remaining full-speed seconds of the running op
+    waiting = [0.0] * p  # remaining full-speed collective seconds of the running op (after its compute)
     now = 0.0
 
     def ready_at(s: int) -> float | None:
@@ -110,18 +113,24 @@ def simulate_pipeline(f_costs, b_costs, num_microbatches: int, schedule: str = "
                 if t is not None and t <= now:
                     op, mb = orders[s][pos[s]]
                     left[s] = cost(f_costs if op == "F" else b_costs, s, mb)
-        running = [s for s in range(p) if left[s] is not None]
-        speed = min(1.0, cores / (len(running) * ranks_per_stage)) if running else 1.0
+                    comm_table = f_comm if op == "F" else b_comm
+                    waiting[s] = cost(comm_table, s, mb) if comm_table is not None else 0.0
+        active = [s for s in range(p) if left[s] is not None]
+        running = [s for s in active if left[s] > 1e-12]
+        speed = min(1.0, cores / (max(1, len(running)) * ranks_per_stage))
         waits = [t - now for s in range(p) if left[s] is None and pos[s] < len(orders[s])
                  for t in [ready_at(s)] if t is not None and t > now]
-        dt = min([left[s] / speed for s in running] + waits)
-        if dt == math.inf or (not running and not waits):
+        dt = min([(left[s] if s in running else waiting[s]) / speed for s in active] + waits)
+        if dt == math.inf or (not active and not waits):
             raise RuntimeError("schedule deadlocks")
         now += dt
-        for s in running:
-            left[s] -= dt * speed
-            busy[s] += dt * speed
-            if left[s] <= 1e-12:
+        for s in active:
+            if s in running:
+                left[s] -= dt * speed
+                busy[s] += dt * speed
+            else:
+                waiting[s] -= dt * speed
+            if left[s] <= 1e-12 and waiting[s] <= 1e-12:
                 op, mb = orders[s][pos[s]]
                 done[(op, s, mb)] = now
                 pos[s] += 1

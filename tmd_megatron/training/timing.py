@@ -60,6 +60,18 @@ class Profile:
     # serves. CPUs: gloo's threads and the loopback copies need the same cores the ranks compute on, so nothing
     # overlaps (measured: bench/calibrate.py)
     overlap_comm: bool = True
+    probe_gflops: float = 0.0  # cpu: bench.calibrate.speed_probe at calibration (the machine's speed then)
+
+    def at_speed(self, factor: float) -> "Profile":
+        """This profile on a machine `factor` times as fast at computing (a CPU whose speed drifts with other
+        tenants: bench/perf_time.py re-measures it per launch); communication is left as it was."""
+        import dataclasses
+
+        return dataclasses.replace(self, gemm_tflops=self.gemm_tflops * factor,
+                                   attn_fwd_tflops=self.attn_fwd_tflops * factor,
+                                   attn_bwd_tflops=self.attn_bwd_tflops * factor, mem_gbps=self.mem_gbps * factor,
+                                   gemm_call_us=self.gemm_call_us / factor, attn_call_us=self.attn_call_us / factor,
+                                   op_us=self.op_us / factor, peak_tflops=self.peak_tflops * factor)
 
     def group_link(self, ranks) -> tuple[float, float]:
         """(latency s, bandwidth B/s) of a group of world ranks."""
@@ -310,13 +322,11 @@ class StepModel:
             n = m * len(idx)
             schedule = "forward" if leading == n else self.res.raw.parallel.schedule
             transfer = max(self.transfer(by_stage[0][i].batch) for i in idx)
-            # a rank in a collective waits for peers that share the cores with it (on a CPU): its wait stretches
-            # with the sharing like compute does, so collectives go into the ops the simulator shares (measured:
-            # left unshared, the 8-rank predictions of docs/benchmarks.md fell to half the measured time)
-            f_ops = [[c + x for c, x in zip(cs, xs)] for cs, xs in zip(tables[0], tables[2])]
-            b_ops = [[c + x for c, x in zip(cs, xs)] for cs, xs in zip(tables[1], tables[3])]
-            wall, busy = simulate_pipeline(f_ops, b_ops, n, schedule, transfer, ranks, self.prof.cores,
-                                           forward_only=0 if leading == n else leading)
+            # a rank in a collective takes no core but waits for peers that share the cores (on a CPU): the
+            # simulator stretches the wait with the sharing without counting it as compute
+            wall, busy = simulate_pipeline(tables[0], tables[1], n, schedule, transfer, ranks, self.prof.cores,
+                                           forward_only=0 if leading == n else leading, f_comm=tables[2],
+                                           b_comm=tables[3])
             total += wall
             wall_sum += wall * lay.pp
             busy_sum += sum(busy)

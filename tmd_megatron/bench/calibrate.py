@@ -155,7 +155,7 @@ def gloo_link() -> tuple[float, float]:
     return max(0.0, float(alpha)), 1.0 / float(inv_bw)
 
 
-def collective_latency(prof, steps: int = 5) -> tuple[float, float]:
+def collective_latency(prof, steps: int = 5, smoke: bool = False) -> tuple[float, float]:
     """(seconds per collective call, predicted / measured on CP2 ring) from flow-matching steps of the real trainer
     (the TIME_MODEL of bench/perf.py) under TP2 + SP. A collective inside training costs more than between plain
     products (the microbenchmark above): the two ranks reach it at slightly different times (every call waits for
@@ -171,7 +171,7 @@ def collective_latency(prof, steps: int = 5) -> tuple[float, float]:
     from .perf_time import _time_recipe
 
     def measured(extra):
-        over = _time_recipe(["method=flow_matching", *extra], False)
+        over = _time_recipe(["method=flow_matching", *extra], smoke)
         got = run_cases([("step_time", {"overrides": over, "steps": steps})], 2, timeout=900)[0][0]
         return resolve(compose(over)), statistics.median(s["wall"] for s in got["steps"]), got["latent"]
 
@@ -187,7 +187,7 @@ def collective_latency(prof, steps: int = 5) -> tuple[float, float]:
     return alpha, predicted(res, latent, alpha) / wall
 
 
-def measure():
+def measure(smoke: bool = False):
     from tmd_megatron.training.timing import Profile
 
     torch.set_num_threads(1)
@@ -206,7 +206,7 @@ def measure():
                    inter_latency_us=alpha * 1e6, ranks_per_node=1 << 20, cores=float(cores),
                    gemm_call_us=gemm_t0 * 1e6, attn_call_us=attn_f[1] * 1e6, op_us=op * 1e6, memory_gib=0.0,
                    dtype="fp32", overlap_comm=False, probe_gflops=probe)
-    alpha, check = collective_latency(prof)
+    alpha, check = collective_latency(prof, 2 if smoke else 5, smoke)
     print(f"collective latency in training {alpha * 1e6:.0f} us (between products {prof.intra_latency_us:.0f} us); "
           f"flow matching on CP2 ring predicted / measured {check:.2f}")
     prof = dataclasses.replace(prof, intra_latency_us=alpha * 1e6, inter_latency_us=alpha * 1e6)

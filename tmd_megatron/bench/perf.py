@@ -285,7 +285,7 @@ def run(parts, smoke: bool) -> dict[str, str]:
         from .calibrate import measure
         from tmd_megatron.training.timing import cpu_profile_path, save_profile
 
-        profile = measure()[0]  # the `cpu` profile of this machine now, as `bench.calibrate` writes it
+        profile = measure(smoke)[0]  # the `cpu` profile of this machine now, as `bench.calibrate` writes it
         if not smoke:
             save_profile(profile, cpu_profile_path())
         res = {key: _quiet_run(case, world) for key, world, case in _time_cases(smoke)}

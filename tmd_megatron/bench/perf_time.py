@@ -119,7 +119,7 @@ def compile_table(results: dict) -> str:
            "compiled layouts of tests/test_parallel_2rank.py.", "",
            "| layout | stage | eager step | compiled step | **speedup** | first two steps, compiled | other jobs "
            "(cores) |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({k[:2] for k in results}, key=list(results).index)
+    keys = list(dict.fromkeys(k[:2] for k in results))
     for lay, stage in keys:
         eager, comp = results[(lay, stage, False)][0], results[(lay, stage, True)][0]
         te = statistics.median(s["wall"] for s in eager["steps"])

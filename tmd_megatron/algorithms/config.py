@@ -144,7 +144,9 @@ class DMD2vConfig:
     student_every: int = 5  # student updated every 5th iteration
     max_iters_multi: int = 4000  # M >= 2
     max_iters_one: int = 12000  # M = 1
-    vsd_norm: str = "teacher_fake"  # A.3: ||g_fake − g_teacher||_1; "dmd": ||x̂ − g_teacher||_1 (DMD/DMD2)
+    # "dmd": 1/(mean|x̂ − g_teacher| + 1e-6) as the authors' FastGen does (fastgen/methods/common_loss.py:89-90);
+    # "teacher_fake": ||g_fake − g_teacher||_1 as App. A.3 prints it (our default before issue 14).
+    vsd_norm: str = "dmd"
     fake_target: str = "x0"  # DSM on g_fake = x_t − t·v (A.3 "analogous to Eq. 17"); "flow": on v
     rollout_form: str = "outer"  # transition.rollout_output
     kd_warmup: bool | None = None  # None: only for one-step plain DMD2-v (Sec. 3.2)

@@ -129,9 +129,11 @@ class DMD2vConfig:
     t_max: float = 0.999
     cfg_scale: float = 5.0
     fake_score_arch: str = "teacher"  # "same as teacher", initialised from it
+    # "conv3d": ours, sized by disc_width; "multiscale": FastGen's multiscale_down_mlp_large structure, sized by
+    # the features alone (1.3B: 67.9M = Table 7's 68M; 14B: 707.9M, not 172M; docs/algorithms.md)
     disc_arch: str = "conv3d"
     disc_layers: tuple[int, ...] = (15, 22, 29)
-    disc_width: int = 384  # ours: sized so the heads total ≈ Table 7's 68M (1.3B) / 172M (14B)
+    disc_width: int = 384  # conv3d only; ours: sized so the heads total ≈ Table 7's 68M (1.3B) / 172M (14B)
     disc_features: str = "unpatchify"  # App. A.3 "unpatchified teacher features"; "grid" = [B, D, F', H', W']
     gan_weight: float = 0.03  # λ
     gan_same_noise: bool = True  # real data noised with the fake sample's (t, noise)
@@ -160,6 +162,8 @@ class DMD2vConfig:
             raise ValueError(f"vsd_norm={self.vsd_norm!r}; choose 'teacher_fake' or 'dmd'")
         if self.fake_target not in ("x0", "flow"):
             raise ValueError(f"fake_target={self.fake_target!r}; choose 'x0' or 'flow'")
+        if self.disc_arch not in ("conv3d", "multiscale"):
+            raise ValueError(f"disc_arch={self.disc_arch!r}; choose 'conv3d' or 'multiscale'")
         if self.disc_features not in ("unpatchify", "grid"):
             raise ValueError(f"disc_features={self.disc_features!r}; choose 'unpatchify' or 'grid'")
         _check_positive(self, "outer_shift", "inner_shift", "t_shift", "lr_student", "lr_disc", "lr_fake",

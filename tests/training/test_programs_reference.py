@@ -53,12 +53,18 @@ def _assert_close(got: dict, want: dict, what: str):
     assert worst < 1e-5, (what, worst)
 
 
-@pytest.mark.parametrize("jvp,preset", [("fd", "tiny"), ("exact", "tiny"), ("fd", "tiny-i2v"), ("fd", "tiny-ti2v")])
-def test_tm_mf_program_equals_the_reference_step(jvp, preset):
-    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}"], preset)
+@pytest.mark.parametrize("jvp,preset,warmup", [("fd", "tiny", 0), ("exact", "tiny", 0), ("fd", "tiny-i2v", 0),
+                                               ("fd", "tiny-ti2v", 0), ("fd", "tiny", 4)])
+def test_tm_mf_program_equals_the_reference_step(jvp, preset, warmup):
+    """warmup=4: the program reads the JVP weight 1/4 from its step count (step 0, the first update)."""
+    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}",
+                                      f"method.tm_mf.jvp_warmup_iters={warmup}"], preset)
     reference = copy.deepcopy(roles.student)
     tm_mf_step(step)
-    loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)))
+    weight = 0.25 if warmup else 1.0
+    assert step.metrics["jvp_weight"] == weight
+    loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)),
+                         jvp_weight=weight)
     loss.backward()
     assert abs(step.metrics["tm_mf_loss"] - loss.item()) < 1e-6 * abs(loss.item())
     _assert_close(_grads(roles.student), _grads(reference), "student")

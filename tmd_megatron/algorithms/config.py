@@ -88,6 +88,9 @@ class TMMFConfig:
     # bf16 rounding over 2δ = 1e-2 swamps the derivative at 1.3B width (docs/algorithms.md, FD-JVP precision).
     fd_dtype: str = "fp32"
     norm_const_per_dim: float = 1.0  # c = norm_const_per_dim · d; Table 7: c = d (1.3B), 1e-5·d (14B)
+    # Linear warm-up of the JVP term over this many updates (tm_mf.jvp_warmup_weight); 0 = off (the paper says
+    # nothing). FastGen's Wan MeanFlow uses 2000 (configs/experiments/WanT2V/config_mf.py, tangent_warmup_steps).
+    jvp_warmup_iters: int = 0
     lr: float = 3e-5
     max_iters: int = 3000
 
@@ -104,6 +107,8 @@ class TMMFConfig:
             raise ValueError(f"jvp={self.jvp!r}; choose 'fd' or 'exact'")
         if self.fd_dtype not in ("fp32", "compute"):
             raise ValueError(f"fd_dtype={self.fd_dtype!r}; choose 'fp32' or 'compute'")
+        if self.jvp_warmup_iters < 0:
+            raise ValueError(f"jvp_warmup_iters={self.jvp_warmup_iters} must be >= 0 (0 switches the warm-up off)")
         if self.fd_delta <= 0 or self.norm_const_per_dim < 0:
             raise ValueError("fd_delta must be positive and norm_const_per_dim non-negative")
         _check_positive(self, "outer_shift", "inner_shift", "s_shift", "lr")

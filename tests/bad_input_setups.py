@@ -148,24 +148,26 @@ def check_disk_full(w, d, out):
 
 
 def check_negative_written(w, d, out):
-    """The written embedding is Wan's negative prompt through diffusers' own text rule (WanPipeline's
-    _get_t5_prompt_embeds, an independent implementation), cut to its true length, and the trainer's reader
-    accepts it."""
+    """The written embedding is the default negative prompt, the paper's Table 8 English text (not Wan's Chinese
+    original), through diffusers' own text rule (WanPipeline's _get_t5_prompt_embeds, an independent
+    implementation), cut to its true length, and the trainer's reader accepts it."""
     from types import SimpleNamespace
 
     import torch
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT, load_negative_embedding
+    from tmd_megatron.data.text import PAPER_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT, load_negative_embedding
 
     written = load_negative_embedding(d / "negative.pt", text_dim=24, text_len=16)
     pipe = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(d / "text"), _execution_device=torch.device("cpu"),
                            text_encoder=UMT5EncoderModel.from_pretrained(d / "text"))
-    ref = WanPipeline._get_t5_prompt_embeds(pipe, [WAN_NEGATIVE_PROMPT], max_sequence_length=16)[0]
+    ref, zh = WanPipeline._get_t5_prompt_embeds(pipe, [PAPER_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT],
+                                                 max_sequence_length=16)
     rows = int(ref.abs().sum(1).gt(0).sum())
     assert written.shape == (rows, 24) and torch.equal(ref[rows:], torch.zeros_like(ref[rows:]))
     torch.testing.assert_close(written, ref[:rows], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(zh[:rows], ref[:rows], atol=1e-3)  # the check tells the two texts apart
 
 
 def tiny_umt5(w, d):

@@ -46,6 +46,8 @@ def test_invalid_configs_name_the_fix():
         TMMFConfig(s_min=0.9, s_max=0.5)
     with pytest.raises(ValueError, match="vsd_norm"):
         DMD2vConfig(vsd_norm="l2")
+    with pytest.raises(ValueError, match="choose 'conv3d' or 'multiscale'"):
+        DMD2vConfig(disc_arch="mlp")
 
 
 def test_benchmark_script_prints_both_tables(capsys):

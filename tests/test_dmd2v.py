@@ -37,6 +37,34 @@ def test_vsd_direction_normalisers_by_hand():
     assert torch.allclose(d, torch.tensor([[1 / 2.0, -4 / 2.0], [2 / 0.5, 2 / 0.5]]))
 
 
+def test_default_vsd_gradient_is_fastgen_pseudo_target_gradient():
+    """The default normaliser is the authors' code: FastGen's VSD loss (fastgen/methods/common_loss.py:80-102),
+    0.5·mean((x̂ − sg(x̂ − w·(g_fake − g_teacher)))²) with w_b = 1/(mean_b|x̂ − g_teacher| + 1e-6), written out
+    per sample here, has the same x̂-gradient as vsd_loss(vsd_direction(...)). On this data the printed (A.3)
+    normaliser differs by ~20x, so the comparison fails if the default were the other one."""
+    g = gen(7)
+    x_hat = torch.randn(3, 4, 2, 3, 3, generator=g, requires_grad=True)
+    g_teacher = 2 * torch.randn(x_hat.shape, generator=g)
+    g_fake = g_teacher + 0.1 * torch.randn(x_hat.shape, generator=g)
+    x64 = x_hat.detach().double().requires_grad_(True)  # fp64: x̂ − (x̂ − w·D) cancels
+    target = torch.empty_like(x64)
+    for b in range(3):
+        n = x64[b].numel()
+        w = 1.0 / (float((x64[b].detach() - g_teacher[b].double()).abs().sum()) / n + 1e-6)
+        target[b] = x64[b].detach() - w * (g_fake[b] - g_teacher[b]).double()
+    (want,) = torch.autograd.grad(0.5 * (x64 - target).pow(2).mean(), x64)
+    want = want.float()
+
+    def grad_with(norm):
+        (got,) = torch.autograd.grad(vsd_loss(x_hat, vsd_direction(g_fake, g_teacher, x_hat, norm)), x_hat)
+        return got
+
+    assert DMD2vConfig().vsd_norm == "dmd"
+    torch.testing.assert_close(grad_with(DMD2vConfig().vsd_norm), want, rtol=1e-5, atol=0)
+    printed = grad_with("teacher_fake")
+    assert (printed.abs().mean() / want.abs().mean()) > 5  # the check above can tell the two apart
+
+
 def test_vsd_loss_gradient_is_the_direction():
     x_hat = torch.randn(3, 4, 1, 2, 2, requires_grad=True)
     direction = torch.randn(3, 4, 1, 2, 2)
@@ -235,12 +263,14 @@ class AffineVelocity(torch.nn.Module):
         return self.a * x + context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
 
 
-def test_generator_loss_matches_the_closed_form_with_stub_models():
-    """Eq. 17 student, Eq. 11 with A.3's normalised teacher−fake difference and the CFG'd teacher (scale 5,
-    negative prompt), recomputed by hand from what each stub model saw."""
+@pytest.mark.parametrize("norm", [None, "teacher_fake"], ids=["default-dmd", "printed"])
+def test_generator_loss_matches_the_closed_form_with_stub_models(norm):
+    """Eq. 17 student, Eq. 11 with the normalised teacher−fake difference (the default: DMD's/FastGen's
+    mean|x̂ − g_teacher| + 1e-6; or A.3's mean|g_fake − g_teacher|) and the CFG'd teacher (scale 5, negative
+    prompt), recomputed by hand from what each stub model saw."""
     batch = tiny_batch()
     student, teacher, fake = AffineVelocity(0.3, trainable=True), AffineVelocity(-0.2), AffineVelocity(0.1)
-    cfg = DMD2vConfig(gan_weight=0.0)
+    cfg = DMD2vConfig(gan_weight=0.0) if norm is None else DMD2vConfig(gan_weight=0.0, vsd_norm=norm)
     loss, metrics = dmd2v_generator_loss(student, teacher, fake, None, batch, cfg, gen(0))
     x_t, t_i = student.seen[0]
     cond = batch.context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
@@ -250,8 +280,12 @@ def test_generator_loss_matches_the_closed_form_with_stub_models():
     neg = (batch.negative.sum() / (8 * batch.negative.shape[-1])).expand_as(cond)  # zero-padded to 8 rows
     v_teacher = (-0.2 * xs_t + neg) + 5.0 * ((-0.2 * xs_t + cond) - (-0.2 * xs_t + neg))
     v_fake = 0.1 * xs_t + cond
-    d = (xs_t - tt * v_fake) - (xs_t - tt * v_teacher)
-    d = d / d.abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
+    g_teacher = xs_t - tt * v_teacher
+    d = (xs_t - tt * v_fake) - g_teacher
+    if norm is None:
+        d = d / ((x_hat - g_teacher).abs().flatten(1).mean(1) + 1e-6).view(-1, 1, 1, 1, 1)
+    else:
+        d = d / d.abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
     expect = (d * x_hat).flatten(1).mean(1).mean()
     assert torch.allclose(loss, expect, rtol=1e-5) and torch.allclose(metrics["vsd"], expect, rtol=1e-5)
     loss.backward()

@@ -8,7 +8,7 @@ import torch
 from algo_helpers import gen, single_thread, tiny_batch, tiny_student, tiny_teacher  # noqa: F401  (fixture)
 from tmd_megatron.algorithms import TMMFConfig, tm_mf_loss
 from tmd_megatron.algorithms.jvp import exact_total_derivative, total_derivative
-from tmd_megatron.algorithms.tm_mf import adaptive_loss, meanflow_target, mf_guided_velocity
+from tmd_megatron.algorithms.tm_mf import adaptive_loss, jvp_warmup_weight, meanflow_target, mf_guided_velocity
 from tmd_megatron.models.student import StudentConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -104,6 +104,64 @@ def test_composed_step_matches_the_closed_form(target, jvp):
     expect = (sq / (sq + c)).mean()
     assert torch.allclose(loss.double(), expect, rtol=1e-4 if jvp == "fd" else 1e-9)
     assert float(expect) > 1e-3 and 0 < float(metrics["r_equals_s"]) < 1  # the check is not vacuous
+
+
+def test_jvp_warmup_schedule_is_fastgens():
+    """FastGen (mean_flow.py:300-303) ramps min(1, iteration/W) over trainer iterations 1, 2, ... (trainer.py:181);
+    our step counts the updates already done, so update k (1-based) is step k − 1."""
+    W = 2000
+    fastgen = [min(1.0, it / W) for it in range(1, 2 * W + 1)]
+    assert [jvp_warmup_weight(step, W) for step in range(2 * W)] == fastgen
+    assert jvp_warmup_weight(0, W) == 1 / 2000 and jvp_warmup_weight(999, W) == 0.5 and jvp_warmup_weight(1999, W) == 1
+    assert all(jvp_warmup_weight(step, 0) == 1.0 for step in (0, 1, 10**6))  # off
+    assert TMMFConfig().jvp_warmup_iters == 0
+    with pytest.raises(ValueError, match="jvp_warmup_iters"):
+        TMMFConfig(jvp_warmup_iters=-1)
+
+
+@pytest.mark.parametrize("target", ["dtm", "x"])
+@pytest.mark.parametrize("w", [0.0, 0.5, 1.0])
+def test_jvp_weight_scales_the_jvp_term_in_the_closed_form(target, w):
+    """The analytic student of the closed-form test with the JVP term weighted by w: dtm u − û = −(1 + w)ε(s−r)z,
+    x target tε(s−r)z(s + w·r)/s²; at w = 0 it is u − v, the loss without the JVP term."""
+    batch = tiny_batch(batch=4, latent=(1, 2, 2))
+    batch.latents = batch.latents.double()
+    student = AnalyticStudent(batch.latents, target)
+    c = 5.0
+    cfg = TMMFConfig(cfg_scale=3.0, cond_dropout=0.5, r_equals_s=0.5, norm_const_per_dim=c / 64, jvp="exact")
+    loss, metrics = tm_mf_loss(student, batch, cfg, gen(1), jvp_weight=w)
+    s, r = (v.view(-1, 1, 1, 1, 1) for v in student.calls[-1])
+    t, eps, z = student.t.view(-1, 1, 1, 1, 1), student.eps, student.z
+    err = -(1 + w) * eps * (s - r) * z if target == "dtm" else t * eps * (s - r) * z * (s + w * r) / s**2
+    sq = err.pow(2).flatten(1).sum(1)
+    assert torch.allclose(loss.double(), (sq / (sq + c)).mean(), rtol=1e-6)  # the loss is summed in fp32
+    assert float(metrics["jvp_weight"]) == w
+
+
+def test_jvp_weight_zero_gives_the_gradient_without_the_jvp_term(monkeypatch):
+    """Tiny Wan student: the gradient at weight 0 equals the gradient with the total derivative replaced by zeros
+    (target û = ṽ, no JVP term), and differs from the weight-1 gradient."""
+    import tmd_megatron.algorithms.tm_mf as tm
+
+    teacher = tiny_teacher()
+    cfg = TMMFConfig(r_equals_s=0.0)
+
+    def grads(weight, zero_jvp=False):
+        torch.manual_seed(0)
+        student = tiny_student(teacher)
+        with torch.no_grad():  # off the identity init, where u does not depend on (y_s, s) and du/ds = 0
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        if zero_jvp:
+            monkeypatch.setattr(tm, "total_derivative", lambda u_fn, y_s, *a, **k: torch.zeros_like(y_s))
+        loss, _ = tm_mf_loss(student, tiny_batch(), cfg, gen(3), jvp_weight=weight)
+        monkeypatch.undo()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    no_jvp = grads(1.0, zero_jvp=True)
+    torch.testing.assert_close(grads(0.0), no_jvp, rtol=1e-6, atol=1e-9)
+    assert (grads(1.0) - no_jvp).abs().max() > 1e-3 * no_jvp.abs().max()
 
 
 def test_step_trains_backbone_and_head_but_not_the_teacher():

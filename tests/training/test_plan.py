@@ -146,11 +146,14 @@ def plan_layout_topology(res):
 
 def test_parameter_counts_are_those_of_the_roles_a_rank_builds():
     """The planner's meta roles hold exactly the tensors build_roles materialises, per stage and TP shard."""
-    res = resolve(compose(TINY))
-    real = build_roles(res, Topology.single())
-    meta = meta_roles(res, Topology.single())
-    for role, module in real.trainable().items():
-        assert {n: p.shape for n, p in module.named_parameters()} == {n: p.shape for n, p in meta[role].named_parameters()}
+    for extra in ([], ["method.dmd2v.disc_arch=multiscale"]):
+        res = resolve(compose(TINY + extra))
+        real = build_roles(res, Topology.single())
+        meta = meta_roles(res, Topology.single())
+        assert "disc" in real.trainable() and real.disc.arch == res.dmd2v.disc_arch
+        for role, module in real.trainable().items():
+            assert ({n: p.shape for n, p in module.named_parameters()} ==
+                    {n: p.shape for n, p in meta[role].named_parameters()})
     big = meta_roles(resolve(compose(BIG)), Topology.virtual(tp=8, dp=8, rank=0))
     with torch.device("meta"):
         full = sum(p.numel() for p in WanModel(WanConfig.preset("wan2.1-t2v-14b")).parameters())

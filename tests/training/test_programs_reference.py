@@ -53,12 +53,18 @@ def _assert_close(got: dict, want: dict, what: str):
     assert worst < 1e-5, (what, worst)
 
 
-@pytest.mark.parametrize("jvp,preset", [("fd", "tiny"), ("exact", "tiny"), ("fd", "tiny-i2v"), ("fd", "tiny-ti2v")])
-def test_tm_mf_program_equals_the_reference_step(jvp, preset):
-    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}"], preset)
+@pytest.mark.parametrize("jvp,preset,warmup", [("fd", "tiny", 0), ("exact", "tiny", 0), ("fd", "tiny-i2v", 0),
+                                               ("fd", "tiny-ti2v", 0), ("fd", "tiny", 4)])
+def test_tm_mf_program_equals_the_reference_step(jvp, preset, warmup):
+    """warmup=4: the program reads the JVP weight 1/4 from its step count (step 0, the first update)."""
+    res, roles, step, batch = _setup(["method=tm_mf", f"method.tm_mf.jvp={jvp}",
+                                      f"method.tm_mf.jvp_warmup_iters={warmup}"], preset)
     reference = copy.deepcopy(roles.student)
     tm_mf_step(step)
-    loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)))
+    weight = 0.25 if warmup else 1.0
+    assert step.metrics["jvp_weight"] == weight
+    loss, _ = tm_mf_loss(reference, batch, res.tm_mf, step_rng(res.raw.run.seed, 0, "tm_mf", batch_index(step)),
+                         jvp_weight=weight)
     loss.backward()
     assert abs(step.metrics["tm_mf_loss"] - loss.item()) < 1e-6 * abs(loss.item())
     _assert_close(_grads(roles.student), _grads(reference), "student")
@@ -69,9 +75,11 @@ def batch_index(step):
 
 
 @pytest.mark.parametrize("method,preset", [("tmd", "tiny"), ("dmd2v", "tiny"), ("tmd", "tiny-i2v"),
-                                           ("tmd", "tiny-ti2v"), ("dmd2v", "tiny-a14b")])
+                                           ("tmd", "tiny-ti2v"), ("dmd2v", "tiny-a14b"), ("tmd+multiscale", "tiny")])
 def test_stage2_program_equals_the_reference_steps(method, preset):
     extra = ["method=dmd2v", "model.init=null"] if method == "dmd2v" else []
+    if method.endswith("+multiscale"):  # FastGen's head structure instead of our Conv3D head
+        extra = ["method.dmd2v.disc_arch=multiscale"]
     res, roles, step, batch = _setup(extra, preset)
     cfg = res.dmd2v
     student, fake, disc = (copy.deepcopy(m) for m in (roles.student, roles.fake, roles.disc))

@@ -88,6 +88,9 @@ class TMMFConfig:
     # bf16 rounding over 2δ = 1e-2 swamps the derivative at 1.3B width (docs/algorithms.md, FD-JVP precision).
     fd_dtype: str = "fp32"
     norm_const_per_dim: float = 1.0  # c = norm_const_per_dim · d; Table 7: c = d (1.3B), 1e-5·d (14B)
+    # Linear warm-up of the JVP term over this many updates (tm_mf.jvp_warmup_weight); 0 = off (the paper says
+    # nothing). FastGen's Wan MeanFlow uses 2000 (configs/experiments/WanT2V/config_mf.py, tangent_warmup_steps).
+    jvp_warmup_iters: int = 0
     lr: float = 3e-5
     max_iters: int = 3000
 
@@ -104,6 +107,8 @@ class TMMFConfig:
             raise ValueError(f"jvp={self.jvp!r}; choose 'fd' or 'exact'")
         if self.fd_dtype not in ("fp32", "compute"):
             raise ValueError(f"fd_dtype={self.fd_dtype!r}; choose 'fp32' or 'compute'")
+        if self.jvp_warmup_iters < 0:
+            raise ValueError(f"jvp_warmup_iters={self.jvp_warmup_iters} must be >= 0 (0 switches the warm-up off)")
         if self.fd_delta <= 0 or self.norm_const_per_dim < 0:
             raise ValueError("fd_delta must be positive and norm_const_per_dim non-negative")
         _check_positive(self, "outer_shift", "inner_shift", "s_shift", "lr")
@@ -129,9 +134,11 @@ class DMD2vConfig:
     t_max: float = 0.999
     cfg_scale: float = 5.0
     fake_score_arch: str = "teacher"  # "same as teacher", initialised from it
+    # "conv3d": ours, sized by disc_width; "multiscale": FastGen's multiscale_down_mlp_large structure, sized by
+    # the features alone (1.3B: 67.9M = Table 7's 68M; 14B: 707.9M, not 172M; docs/algorithms.md)
     disc_arch: str = "conv3d"
     disc_layers: tuple[int, ...] = (15, 22, 29)
-    disc_width: int = 384  # ours: sized so the heads total ≈ Table 7's 68M (1.3B) / 172M (14B)
+    disc_width: int = 384  # conv3d only; ours: sized so the heads total ≈ Table 7's 68M (1.3B) / 172M (14B)
     disc_features: str = "unpatchify"  # App. A.3 "unpatchified teacher features"; "grid" = [B, D, F', H', W']
     gan_weight: float = 0.03  # λ
     gan_same_noise: bool = True  # real data noised with the fake sample's (t, noise)
@@ -144,7 +151,9 @@ class DMD2vConfig:
     student_every: int = 5  # student updated every 5th iteration
     max_iters_multi: int = 4000  # M >= 2
     max_iters_one: int = 12000  # M = 1
-    vsd_norm: str = "teacher_fake"  # A.3: ||g_fake − g_teacher||_1; "dmd": ||x̂ − g_teacher||_1 (DMD/DMD2)
+    # "dmd": 1/(mean|x̂ − g_teacher| + 1e-6) as the authors' FastGen does (fastgen/methods/common_loss.py:89-90);
+    # "teacher_fake": ||g_fake − g_teacher||_1 as App. A.3 prints it (our default before issue 14).
+    vsd_norm: str = "dmd"
     fake_target: str = "x0"  # DSM on g_fake = x_t − t·v (A.3 "analogous to Eq. 17"); "flow": on v
     rollout_form: str = "outer"  # transition.rollout_output
     kd_warmup: bool | None = None  # None: only for one-step plain DMD2-v (Sec. 3.2)
@@ -158,6 +167,8 @@ class DMD2vConfig:
             raise ValueError(f"vsd_norm={self.vsd_norm!r}; choose 'teacher_fake' or 'dmd'")
         if self.fake_target not in ("x0", "flow"):
             raise ValueError(f"fake_target={self.fake_target!r}; choose 'x0' or 'flow'")
+        if self.disc_arch not in ("conv3d", "multiscale"):
+            raise ValueError(f"disc_arch={self.disc_arch!r}; choose 'conv3d' or 'multiscale'")
         if self.disc_features not in ("unpatchify", "grid"):
             raise ValueError(f"disc_features={self.disc_features!r}; choose 'unpatchify' or 'grid'")
         _check_positive(self, "outer_shift", "inner_shift", "t_shift", "lr_student", "lr_disc", "lr_fake",

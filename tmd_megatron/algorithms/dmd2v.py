@@ -1,6 +1,6 @@
 """Stage 2 and the DMD2-v baseline (paper Eq. 11, 15, 17, Sec. 3.2, App. A.3).
 
-Pure functions carry the math: `vsd_direction`/`vsd_loss` (Eq. 11 with A.3's normalisation), `dsm_loss` (the
+Pure functions carry the math: `vsd_direction`/`vsd_loss` (Eq. 11, normalised as DMD/FastGen or as A.3 prints), `dsm_loss` (the
 fake score), `gan_generator_loss`/`gan_discriminator_loss` (averaged non-saturating losses over heads).
 Single-device steps compose them: `generate` (Eq. 17 for a plain Wan student, Eq. 15 flow-head rollout with
 gradients through all N inner steps for a decoupled one), `dmd2v_generator_loss`, `fake_score_loss`,
@@ -21,16 +21,30 @@ from .transition import inner_flow, inner_noise, interpolate, rollout_output, x0
 
 
 # ---- pure functions ----------------------------------------------------------------------------------------
-def vsd_direction(
-    g_fake: torch.Tensor, g_teacher: torch.Tensor, x_hat: torch.Tensor | None = None, norm: str = "teacher_fake"
-) -> torch.Tensor:
-    """sg((g_fake − g_teacher)/‖·‖₁) per sample (App. A.3), as a per-element mean-abs normaliser.
+DMD_NORM_EPS = 1e-6  # FastGen's ε in 1/(mean|x̂ − x̂₀_teacher| + ε) (fastgen/methods/common_loss.py, line 90)
 
-    norm="teacher_fake": ‖g_fake − g_teacher‖₁ (A.3 as printed); norm="dmd": ‖x̂ − g_teacher‖₁ (DMD/DMD2).
+
+def vsd_direction(
+    g_fake: torch.Tensor, g_teacher: torch.Tensor, x_hat: torch.Tensor | None = None, norm: str = "dmd"
+) -> torch.Tensor:
+    """sg(g_fake − g_teacher) per sample divided by a per-element mean-abs normaliser, detached and in fp32.
+
+    norm="dmd" (default): 1/(mean|x̂ − g_teacher| + 1e-6), the mean over every non-batch element, as the authors'
+    NVlabs/FastGen computes it (fastgen/methods/common_loss.py, variational_score_distillation_loss, lines 80–99:
+    weight under no_grad from gen_data − teacher_x0, teacher_x0 already CFG'd). FastGen casts the weight and the
+    difference back to the sample's dtype (bf16 in training); we keep them fp32.
+    norm="teacher_fake": ‖g_fake − g_teacher‖₁ as App. A.3 prints it (the same mean, floored at 1e-12).
     """
     diff = (g_fake - g_teacher).detach().float()
-    ref = diff if norm == "teacher_fake" else (x_hat.detach().float() - g_teacher.detach().float())
-    scale = ref.abs().flatten(1).mean(1).clamp_min(1e-12)
+    if norm == "dmd":
+        if x_hat is None:
+            raise ValueError("vsd_direction(norm='dmd') needs the student's sample x_hat")
+        ref = x_hat.detach().float() - g_teacher.detach().float()
+        scale = ref.abs().flatten(1).mean(1) + DMD_NORM_EPS
+    elif norm == "teacher_fake":
+        scale = diff.abs().flatten(1).mean(1).clamp_min(1e-12)
+    else:
+        raise ValueError(f"vsd norm {norm!r}; choose 'dmd' or 'teacher_fake'")
     return diff / per_sample(scale, diff)
 
 

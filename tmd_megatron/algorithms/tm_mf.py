@@ -1,6 +1,6 @@
 """Stage 1: transition matching MeanFlow (TM-MF; paper Eq. 9–10, Sec. 3.1, App. A.2, Algorithm 2).
 
-Pure functions (`mf_guided_velocity`, `meanflow_target`, `adaptive_loss`) carry the math; `tm_mf_loss` is
+Pure functions (`mf_guided_velocity`, `meanflow_target`, `adaptive_loss`, `jvp_warmup_weight`) carry the math; `tm_mf_loss` is
 the single-device step composing them with the student's backbone and flow head.
 """
 from __future__ import annotations
@@ -23,9 +23,18 @@ def mf_guided_velocity(v_cond: torch.Tensor, u_uncond: torch.Tensor, scale: floa
     return torch.where(per_sample(keep, v_cond).bool(), guided, v_cond)
 
 
-def meanflow_target(v: torch.Tensor, s: torch.Tensor, r: torch.Tensor, du_ds: torch.Tensor) -> torch.Tensor:
-    """Eq. 10: û = sg(v − (s − r)·du/ds)."""
-    return (v - per_sample(s - r, v) * du_ds).detach()
+def jvp_warmup_weight(step: int, warmup_iters: int) -> float:
+    """Weight of the JVP term at the update after `step` completed ones: min(1, (step + 1)/warmup_iters), 1 when
+    off. FastGen's MeanFlow ramps it the same way, min(1, iteration/tangent_warmup_steps) with iterations counted
+    from 1 (fastgen/methods/consistency_model/mean_flow.py:300-307; fastgen/trainer.py:181)."""
+    return 1.0 if warmup_iters == 0 else min(1.0, (step + 1) / warmup_iters)
+
+
+def meanflow_target(
+    v: torch.Tensor, s: torch.Tensor, r: torch.Tensor, du_ds: torch.Tensor, jvp_weight: float = 1.0
+) -> torch.Tensor:
+    """Eq. 10: û = sg(v − w·(s − r)·du/ds), w the warm-up weight of the JVP term (1: Eq. 10 as printed)."""
+    return (v - jvp_weight * per_sample(s - r, v) * du_ds).detach()
 
 
 def adaptive_loss(u: torch.Tensor, u_target: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +44,11 @@ def adaptive_loss(u: torch.Tensor, u_target: torch.Tensor, c: float) -> tuple[to
     return (sq / (sq.detach() + c)).mean(), sq
 
 
-def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, teacher=None):
+def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, teacher=None, jvp_weight: float = 1.0):
     """One TM-MF student loss (Algorithm 2, stage one). Returns (loss, metrics).
 
-    Gradients reach the flow head and, through m, the backbone (not detached, Sec. 3.1).
+    Gradients reach the flow head and, through m, the backbone (not detached, Sec. 3.1). `jvp_weight` scales the
+    JVP term of the target (the trainer passes `jvp_warmup_weight(step, cfg.jvp_warmup_iters)`).
     """
     if cfg.cfg_source == "teacher" and cfg.cfg_scale != 1.0 and teacher is None:
         raise ValueError("TMMFConfig.cfg_source='teacher' needs the teacher; pass teacher= or use 'student'")
@@ -83,12 +93,13 @@ def tm_mf_loss(student, batch: Batch, cfg: TMMFConfig, gen: torch.Generator, tea
     else:
         du_ds = total_derivative(u_fn, y_s, s, r, v, cfg.jvp, cfg.fd_delta)
     u = u_fn(y_s, s)
-    u_target = meanflow_target(v, s, r, du_ds)
+    u_target = meanflow_target(v, s, r, du_ds, jvp_weight)
     loss, sq = adaptive_loss(u, u_target, cfg.norm_const_per_dim * y_s[0].numel())
     metrics = {
         "tm_mf_loss": loss.detach(),
         "mse": (sq / y_s[0].numel()).mean().detach(),
         "r_equals_s": (r == s).float().mean(),
         "cond_kept": keep.float().mean(),
+        "jvp_weight": torch.tensor(jvp_weight),
     }
     return loss, metrics

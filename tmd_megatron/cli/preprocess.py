@@ -72,7 +72,7 @@ def cmd_videos(args) -> int:
 def cmd_teacher(args) -> int:
     from tmd_megatron.data.synthetic import SyntheticTask
     from tmd_megatron.data.teacher_data import generate_teacher_data
-    from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT
+    from tmd_megatron.data.text import NEGATIVE_PROMPTS
     from tmd_megatron.data.preprocess import PreprocessError
     from tmd_megatron.models.wan import WanExperts, WanModel
     from tmd_megatron.models.wan.checkpoint import expert_dirs
@@ -89,7 +89,7 @@ def cmd_teacher(args) -> int:
         encode, negative = task.encode_prompts, args.negative_prompt or ""
     else:
         encode = _prompt_encoder(args, model.config.text_len)
-        negative = WAN_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+        negative = NEGATIVE_PROMPTS[args.negative_language] if args.negative_prompt is None else args.negative_prompt
     try:
         shape = tuple(int(n) for n in args.latent_shape.split(","))
     except ValueError:
@@ -111,16 +111,17 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_negative(args) -> int:
-    """The umT5 embedding [L, 4096] of the negative prompt (Wan's own by default: the paper's Table 8 prints its
-    English translation) for CFG and condition dropout; the recipes read it through data.negative."""
-    from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT
+    """The umT5 embedding [L, 4096] of the negative prompt (the paper's Table 8 English text by default, Wan's
+    Chinese original with --language zh) for CFG and condition dropout; the recipes read it through data.negative."""
+    from tmd_megatron.data.text import NEGATIVE_PROMPTS
 
     if args.out.exists():
         raise PreprocessError(f"{args.out} exists: choose another file (or delete it first)")
     if args.text_len < 1:
         raise PreprocessError(f"--text-len {args.text_len} must be >= 1 (Wan: 512)")
     encoder = _prompt_encoder(args, args.text_len)
-    embedding = encoder([WAN_NEGATIVE_PROMPT if args.prompt is None else args.prompt])[0].float().cpu().contiguous()
+    text = NEGATIVE_PROMPTS[args.language] if args.prompt is None else args.prompt
+    embedding = encoder([text])[0].float().cpu().contiguous()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     torch.save(embedding, tmp)
@@ -217,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--guidance", type=float, default=5.0)
     t.add_argument("--shift", type=float, default=5.0)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--negative-prompt", default=None, help="default: Wan's (umT5) or '' (synthetic)")
+    t.add_argument("--negative-prompt", default=None,
+                   help="text (default: the paper's Table 8 negative prompt, see --negative-language; '' if synthetic)")
+    t.add_argument("--negative-language", choices=["en", "zh"], default="en",
+                   help="en: Table 8's English text (FastGen's); zh: Wan2.1's Chinese original")
     t.add_argument("--kd", action="store_true", help="store each sample's starting noise (KD pairs)")
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--autocast", choices=["none", "bf16"], default="none",
@@ -230,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("text_encoder", help="transformers UMT5EncoderModel folder (Wan2.1's umT5-XXL)")
     n.add_argument("out", type=Path, help="file to write (must not exist), e.g. /data/tmd/negative_prompt.pt")
     n.add_argument("--text-len", type=int, default=512, help="the model's text_len (Wan: 512)")
-    n.add_argument("--prompt", default=None, help="default: Wan2.1's negative prompt (the paper's Table 8)")
+    n.add_argument("--prompt", default=None, help="text (default: the negative prompt of --language)")
+    n.add_argument("--language", choices=["en", "zh"], default="en",
+                   help="en: the paper's Table 8 text (FastGen's); zh: Wan2.1's Chinese original")
     text(n)
     n.set_defaults(func=cmd_negative)
 

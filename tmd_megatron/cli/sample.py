@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--inner-steps", type=int, help="N (default: what the student was distilled for)")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--negative-language", choices=["en", "zh"], default="en",
+                   help="negative prompt: en, the paper's Table 8 text (default); zh, Wan2.1's Chinese original")
     p.add_argument("--latent", default=None, help="C,F,H,W (default: the synthetic task's, 16,21,60,104, or "
                    "48,31,44,80 for a 48-channel model)")
     p.add_argument("--synthetic", action="store_true", help="encode prompts and decode latents with the synthetic task")
@@ -179,10 +181,10 @@ def _sample(p, a) -> int:
         task = SyntheticTask(text_dim=wan_cfg.text_dim, image_dim=wan_cfg.image_dim, image_len=wan_cfg.image_len)
         contexts, negative = task.encode_prompts(prompts), task.encode_text("")
     else:
-        from tmd_megatron.data.text import WAN_NEGATIVE_PROMPT, PromptEncoder
+        from tmd_megatron.data.text import NEGATIVE_PROMPTS, PromptEncoder
 
         enc = PromptEncoder.from_pretrained(a.umt5, a.tokenizer or a.umt5)
-        contexts, negative = enc(prompts), enc([WAN_NEGATIVE_PROMPT])[0]
+        contexts, negative = enc(prompts), enc([NEGATIVE_PROMPTS[a.negative_language]])[0]
     width = max(c.shape[0] for c in contexts)
     ctx = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in contexts]).float().to(a.device)
     latent = _latent(a.latent, task, wan_cfg.out_dim, wan_cfg.patch_size)

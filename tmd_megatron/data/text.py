@@ -12,12 +12,22 @@ import re
 import torch
 
 WAN_TEXT_LEN = 512
-# Wan2.1's default negative prompt (wan/configs/shared_config.py), the paper's CFG / condition-dropout text.
+# The negative prompt for CFG and condition dropout. Default: the English text the paper prints in Table 8, which
+# the authors' NVlabs/FastGen also uses for Wan (fastgen/datasets/wds_dataloaders.py, PRESET_CONSTANTS
+# "neg_prompt_wan"; scripts/inference/prompts/negative_prompt.txt). Option "zh": Wan2.1's Chinese original
+# (wan/configs/shared_config.py), of which Table 8 is the translation; our default before issue 14.
+PAPER_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
     "三条腿，背景人很多，倒着走"
 )
+NEGATIVE_PROMPTS = {"en": PAPER_NEGATIVE_PROMPT, "zh": WAN_NEGATIVE_PROMPT}
 
 
 def clean_prompt(text: str) -> str:

@@ -27,7 +27,7 @@ from tmd_megatron.algorithms.guidance import cfg_combine, drop_condition, match_
 from tmd_megatron.algorithms.jvp import exact_total_derivative, fd_difference, fd_precision, fd_steps
 from tmd_megatron.algorithms.kd import kd_regression_loss
 from tmd_megatron.algorithms.timesteps import per_sample, sample_grid_times, sample_mf_times, sample_shifted, student_grid
-from tmd_megatron.algorithms.tm_mf import adaptive_loss, meanflow_target, mf_guided_velocity
+from tmd_megatron.algorithms.tm_mf import adaptive_loss, jvp_warmup_weight, meanflow_target, mf_guided_velocity
 from tmd_megatron.algorithms.transition import (
     average_velocity, conditional_velocity, inner_flow, inner_noise, inner_target, interpolate, rollout_output,
     x0_from_velocity,
@@ -160,6 +160,10 @@ def tm_mf_step(s: Step) -> None:
                 u_unc = u_of(mb, uncond[mb], _dev(q["y_s"], uncond[mb]), q["s"])
                 q["v"] = mf_guided_velocity(_dev(q["v"], u_unc), u_unc, cfg.cfg_scale, q["keep"])
 
+    jvp_weight = jvp_warmup_weight(s.step, cfg.jvp_warmup_iters)  # s.step updates done before this one
+    if s.passes.last:
+        s.add("jvp_weight", jvp_weight)  # once per last-stage rank: the reduction counts each replica once
+
     def head_main(mb, f, e, e0):
         q = d[mb]
         y_s, v = _dev(q["y_s"], f.m), _dev(q["v"], f.m)
@@ -176,7 +180,8 @@ def tm_mf_step(s: Step) -> None:
                 u_m = u_of(mb, student.flow_head_given(y_m, e[:, 2], e0[:, 2], f_fd), y_m, s_ - hm)
                 du_ds = fd_difference(u_p, u_m, hp, hm)
         u = u_of(mb, student.flow_head_given(y_s, e[:, 0], e0[:, 0], f), y_s, s_)
-        loss, sq = adaptive_loss(u, meanflow_target(v, s_, r, du_ds), cfg.norm_const_per_dim * y_s[0].numel())
+        u_target = meanflow_target(v, s_, r, du_ds, jvp_weight)
+        loss, sq = adaptive_loss(u, u_target, cfg.norm_const_per_dim * y_s[0].numel())
         s.add("tm_mf_loss", loss.detach() / s.m)
         s.add("mse", (sq / y_s[0].numel()).mean().detach() / s.m)
         return (u.detach(),), loss / s.m

@@ -251,16 +251,20 @@ def build_roles(res: Resolved, topo: Topology, teacher_full: Mapping | None = No
         if cfg.gan_weight > 0:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 1)
-                full_disc = Discriminator(res.wan.dim, layers, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+                full_disc = _discriminator(res, layers)
             start, end = split["teacher"][topo.pp.rank]  # the heads sit with the teacher blocks they read
             local = tuple(i for i in layers if start <= i < end)
             if local:
-                disc = Discriminator(res.wan.dim, local, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+                disc = _discriminator(res, local)
                 disc.load_state_dict({k: v for k, v in full_disc.state_dict().items()
                                       if k.split(".")[1] in {str(i) for i in local}})
                 disc.to(topo.device)
     return Roles(topo, split, student, teacher, fake, disc, layers)
 
+
+def _discriminator(res: Resolved, layers: tuple[int, ...]) -> Discriminator:
+    cfg = res.dmd2v
+    return Discriminator(res.wan.dim, layers, cfg.disc_width, res.wan.patch_size, cfg.disc_features, cfg.disc_arch)
 
 
 def meta_roles(res: Resolved, topo: Topology) -> dict[str, nn.Module]:
@@ -277,5 +281,5 @@ def meta_roles(res: Resolved, topo: Topology) -> dict[str, nn.Module]:
         local = tuple(i for i in cfg.disc_layers if start <= i < end)
         if cfg.gan_weight > 0 and local:
             with torch.device("meta"):
-                out["disc"] = Discriminator(res.wan.dim, local, cfg.disc_width, res.wan.patch_size, cfg.disc_features)
+                out["disc"] = _discriminator(res, local)
     return out

@@ -319,6 +319,7 @@ class StepModel:
                     table.append([c[k] for c in costs for _ in range(m)])
                 exposed = sum(c[2] + c[3] for c in costs) * m
                 parts[EXPOSED] = parts.get(EXPOSED, 0.0) + exposed / lay.pp
+                busy_sum += exposed  # a stage in a collective is not in the bubble
             n = m * len(idx)
             schedule = "forward" if leading == n else self.res.raw.parallel.schedule
             transfer = max(self.transfer(by_stage[0][i].batch) for i in idx)

@@ -62,17 +62,6 @@ class Profile:
     overlap_comm: bool = True
     probe_gflops: float = 0.0  # cpu: bench.calibrate.speed_probe at calibration (the machine's speed then)
 
-    def at_speed(self, factor: float) -> "Profile":
-        """This profile on a machine `factor` times as fast at computing (a CPU whose speed drifts with other
-        tenants: bench/perf_time.py re-measures it per launch); communication is left as it was."""
-        import dataclasses
-
-        return dataclasses.replace(self, gemm_tflops=self.gemm_tflops * factor,
-                                   attn_fwd_tflops=self.attn_fwd_tflops * factor,
-                                   attn_bwd_tflops=self.attn_bwd_tflops * factor, mem_gbps=self.mem_gbps * factor,
-                                   gemm_call_us=self.gemm_call_us / factor, attn_call_us=self.attn_call_us / factor,
-                                   op_us=self.op_us / factor, peak_tflops=self.peak_tflops * factor)
-
     def group_link(self, ranks) -> tuple[float, float]:
         """(latency s, bandwidth B/s) of a group of world ranks."""
         intra = len({r // self.ranks_per_node for r in ranks}) == 1

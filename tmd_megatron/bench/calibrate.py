@@ -193,11 +193,17 @@ def measure(smoke: bool = False):
     torch.set_num_threads(1)
     load0 = load_average()
     probe = speed_probe()
-    gemm_t0, attn_t0, op = call_times()
-    gemm_rate = _fit(gemm_samples(), gemm_t0)
-    f_samples, b_samples = attention_samples()
-    attn_f, attn_b = (_fit(f_samples, attn_t0), attn_t0), (_fit(b_samples, attn_t0), attn_t0)
-    bw = elementwise(gemm_rate, gemm_t0, attn_f, attn_b, op)
+    # three interleaved rounds, the median of each quantity: this VM's speed drifts by 20 % between minutes
+    rounds = []
+    for _ in range(1 if smoke else 3):
+        gemm_t0, attn_t0, op = call_times()
+        gemm_rate = _fit(gemm_samples(), gemm_t0)
+        f_samples, b_samples = attention_samples()
+        attn_f, attn_b = (_fit(f_samples, attn_t0), attn_t0), (_fit(b_samples, attn_t0), attn_t0)
+        bw = elementwise(gemm_rate, gemm_t0, attn_f, attn_b, op)
+        rounds.append((gemm_t0, attn_t0, op, gemm_rate, attn_f[0], attn_b[0], bw))
+    gemm_t0, attn_t0, op, gemm_rate, f_rate, b_rate, bw = (statistics.median(v) for v in zip(*rounds))
+    attn_f, attn_b = (f_rate, attn_t0), (b_rate, attn_t0)
     alpha, link = gloo_link()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     prof = Profile("cpu", peak_tflops=gemm_rate / 1e12, gemm_tflops=gemm_rate / 1e12,

@@ -67,10 +67,11 @@ def time_table(results: dict, smoke: bool, profile) -> str:
            f"GEMM {profile.gemm_tflops * 1e3:.1f} GFLOP/s + {profile.gemm_call_us:.1f} µs per call, attention "
            f"{profile.attn_fwd_tflops * 1e3:.1f} / {profile.attn_bwd_tflops * 1e3:.1f} GFLOP/s, elementwise "
            f"{profile.mem_gbps:.2f} GB/s + {profile.op_us:.1f} µs per op, gloo {profile.intra_gbps:.2f} GB/s + "
-           f"{profile.intra_latency_us:.0f} µs per collective, {profile.cores:g} cores shared by the ranks. This VM's "
-           "speed drifts with other tenants: each launch measures a fixed GEMM loop (`calibrate.speed_probe`) and "
-           "the compute rates are scaled by its ratio to the calibration's (the speed column); communication is "
-           "not scaled.", "",
+           f"{profile.intra_latency_us:.0f} µs per collective, {profile.cores:g} cores shared by the ranks (each "
+           "rate the median of three interleaved measurements). The speed column: a fixed GEMM loop "
+           "(`calibrate.speed_probe`) at each launch against the calibration, for reading the drift of this VM; "
+           "the prediction does not use it (scaling by it made the predictions worse: a narrow probe does not "
+           "track a training step).", "",
            "| layout | stage | step | ranks | measured | predicted | predicted / measured | model GFLOP/s per rank "
            "(measured) | MFU (measured) | machine speed vs calibration | other jobs (cores) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,7 +80,7 @@ def time_table(results: dict, smoke: bool, profile) -> str:
         res = resolve(compose(_time_recipe(extra + TIME_STAGES[stage], smoke)))
         r0 = per_rank[0]
         speed = r0["probe"] / profile.probe_gflops if profile.probe_gflops else 1.0
-        model = StepModel(res, world, profile.at_speed(speed), latent=r0["latent"])
+        model = StepModel(res, world, profile, latent=r0["latent"])
         from tmd_megatron.models.flops import total
         from tmd_megatron.training.flops import step_flops
 

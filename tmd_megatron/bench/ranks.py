@@ -16,7 +16,6 @@ import io
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -132,6 +131,21 @@ class _CommClock:
         self.comm._Pending.wait = self.saved["wait"]
 
 
+def _probe_alone(topo) -> float:
+    """`calibrate.speed_probe` on each rank in turn while the others wait (a blocking gloo wait takes no core):
+    the speed of one core of the machine now, not of ranks crowding each other."""
+    from tmd_megatron.parallel import comm
+
+    from .calibrate import speed_probe
+
+    got = 0.0
+    for rank in range(topo.world.size):
+        if rank == topo.world.rank:
+            got = speed_probe()
+        comm.all_reduce(torch.zeros(1), topo.world)
+    return got
+
+
 def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: int = 4) -> dict:
     """Wall time of each trainer step (after `warmup` steps), with whether it was a generator step, and the
     latent shape the steps ran on: what the step-time model predicts (training/timing.py)."""
@@ -145,9 +159,7 @@ def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: i
         t0 = time.perf_counter()
         trainer.advance()
         warm.append(time.perf_counter() - t0)
-    from .calibrate import speed_probe
-
-    probe = speed_probe()  # the machine's speed during this launch, against the calibration's
+    probe = _probe_alone(topo)  # the machine's speed during this launch, against the calibration's
     records = []
     comm.all_reduce(torch.zeros(1), topo.world)
     busy0, own0, wall0 = _busy_cpu(), time.process_time(), time.perf_counter()
@@ -163,7 +175,7 @@ def step_time_case(overrides: list[str], out_dir: str, warmup: int = 2, steps: i
     # the machine's CPU use besides this launch's ranks, in cores: another job's load skews every timing here
     others = max(0.0, (_busy_cpu() - busy0 - own) / wall)
     return {"rank": topo.world.rank, "steps": records, "latent": list(trainer.last_batch["latent"].shape[2:]),
-            "other_cores": others, "warmup": warm, "probe": statistics.median([probe, speed_probe()])}
+            "other_cores": others, "warmup": warm, "probe": (probe + _probe_alone(topo)) / 2}
 
 
 def _busy_cpu() -> float:

@@ -62,17 +62,6 @@ class Profile:
     overlap_comm: bool = True
     probe_gflops: float = 0.0  # cpu: bench.calibrate.speed_probe at calibration (the machine's speed then)
 
-    def at_speed(self, factor: float) -> "Profile":
-        """This profile on a machine `factor` times as fast at computing (a CPU whose speed drifts with other
-        tenants: bench/perf_time.py re-measures it per launch); communication is left as it was."""
-        import dataclasses
-
-        return dataclasses.replace(self, gemm_tflops=self.gemm_tflops * factor,
-                                   attn_fwd_tflops=self.attn_fwd_tflops * factor,
-                                   attn_bwd_tflops=self.attn_bwd_tflops * factor, mem_gbps=self.mem_gbps * factor,
-                                   gemm_call_us=self.gemm_call_us / factor, attn_call_us=self.attn_call_us / factor,
-                                   op_us=self.op_us / factor, peak_tflops=self.peak_tflops * factor)
-
     def group_link(self, ranks) -> tuple[float, float]:
         """(latency s, bandwidth B/s) of a group of world ranks."""
         intra = len({r // self.ranks_per_node for r in ranks}) == 1
@@ -319,6 +308,7 @@ class StepModel:
                     table.append([c[k] for c in costs for _ in range(m)])
                 exposed = sum(c[2] + c[3] for c in costs) * m
                 parts[EXPOSED] = parts.get(EXPOSED, 0.0) + exposed / lay.pp
+                busy_sum += exposed  # a stage in a collective is not in the bubble
             n = m * len(idx)
             schedule = "forward" if leading == n else self.res.raw.parallel.schedule
             transfer = max(self.transfer(by_stage[0][i].batch) for i in idx)

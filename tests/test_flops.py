@@ -138,3 +138,22 @@ def test_trainer_logs_throughput(tmp_path):
         flops = F.total(TF.step_flops(res, generator).values()).model
         assert r["tflops_per_device"] == pytest.approx(flops / r["step_time_s"] / 1e12, rel=1e-6)
         assert 0 < r["mfu"] < 1
+
+
+@pytest.mark.parametrize("arch", ["conv3d", "multiscale"])
+def test_discriminator_heads_match_flop_counter(arch):
+    """One head on unpatchified features, forward and F+B (weights only, as in the discriminator's step)."""
+    from tmd_megatron.models.discriminator import make_head
+
+    cfg = WanConfig.preset("tiny")
+    lat, b, width = (3, 10, 14), 2, 8
+    cin = cfg.dim // cfg.patch_volume
+    head = make_head(arch, cin, width)
+    x = torch.randn(b, cin, *lat)
+    call = F.disc_call(cfg, lat, b, 1, width, arch=arch)
+    with flop_counter() as c:
+        head(x)
+    _close(c.get_total_flops(), call.forward().total)
+    with flop_counter() as c:
+        head(x).square().sum().backward()
+    _close(c.get_total_flops(), (call.forward() + F.backward_of(call, weights=True, streams=("disc",))).total)

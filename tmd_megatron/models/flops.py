@@ -226,30 +226,43 @@ def _conv_out(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def disc_head_convs(cfg: WanConfig, latent_fhw, b: int, width: int, features: str = "unpatchify") -> list[float]:
-    """Forward FLOPs of each convolution of one Conv3dHead (models/discriminator.py) on b samples."""
+def disc_head_convs(cfg: WanConfig, latent_fhw, b: int, width: int, features: str = "unpatchify",
+                    arch: str = "conv3d") -> list[tuple[float, bool]]:
+    """(forward FLOPs, reads the head's input) of each product of one discriminator head (models/discriminator.py)
+    on b samples: Conv3dHead's four convolutions, or MultiscaleHead's five branches (a 1x1x1 mix on the volume, a
+    3x3x3 convolution on it pooled by the branch's scale) and its two-layer MLP."""
     grid = [n // p for n, p in zip(latent_fhw, cfg.patch_size)]
     if features == "unpatchify":
         size, cin = [g * p for g, p in zip(grid, cfg.patch_size)], cfg.dim // cfg.patch_volume
     else:
         size, cin = grid, cfg.dim
+    out = []
+    if arch == "multiscale":
+        from .discriminator import MultiscaleHead
+
+        for scale in MultiscaleHead.SCALES:
+            pooled = [n // min(scale, n) for n in size]
+            out.append((2 * b * math.prod(size) * cin * cin, True))
+            out.append((2 * b * math.prod(pooled) * 27 * cin * cin, False))
+        hidden = MultiscaleHead.MLP_HIDDEN
+        out += [(2 * b * len(MultiscaleHead.SCALES) * cin * hidden, False), (2 * b * hidden, False)]
+        return out
     layers = [((3, 4, 4), (1, 2, 2), 1, width), ((3, 4, 4), (2, 2, 2), 1, width), ((3, 3, 3), (2, 2, 2), 1, 2 * width),
               ((1, 1, 1), (1, 1, 1), 0, 1)]
-    out = []
-    for kernel, stride, pad, cout in layers:
+    for j, (kernel, stride, pad, cout) in enumerate(layers):
         size = [_conv_out(n, k, s, pad) for n, k, s in zip(size, kernel, stride)]
-        out.append(2 * b * math.prod(size) * math.prod(kernel) * cin * cout)
+        out.append((2 * b * math.prod(size) * math.prod(kernel) * cin * cout, j == 0))
         cin = cout
     return out
 
 
 def disc_call(cfg: WanConfig, latent_fhw, b: int, heads: int, width: int, features: str = "unpatchify",
-              input_grad: bool = False) -> Call:
+              input_grad: bool = False, arch: str = "conv3d") -> Call:
     """`heads` discriminator heads on b samples; input_grad: their input volumes need a gradient."""
     c = Call()
     for _ in range(heads):
-        for j, f in enumerate(disc_head_convs(cfg, latent_fhw, b, width, features)):
-            c.add(f, stream="disc", leaf=j == 0 and not input_grad)
+        for f, reads_input in disc_head_convs(cfg, latent_fhw, b, width, features, arch):
+            c.add(f, stream="disc", leaf=reads_input and not input_grad)
     return c
 
 

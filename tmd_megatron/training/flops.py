@@ -178,7 +178,7 @@ def _stage2(res, s: _Stage, b: int, generator: bool) -> list[PassCost]:
             p.add("teacher", call.forward(), F.backward_of(call, weights=False, streams=("x",),
                                                            until=max(dmd.disc_layers), checkpointed=s.ac))
             heads = F.disc_call(cfg, s.latent, b, len(local_heads), dmd.disc_width, dmd.disc_features,
-                                input_grad=True)
+                                input_grad=True, arch=dmd.disc_arch)
             p.add("disc", heads.forward(), F.backward_of(heads, weights=False, streams=("disc",)))
         else:
             p.add("teacher", s.wan(b, role="teacher").forward())
@@ -189,7 +189,8 @@ def _stage2(res, s: _Stage, b: int, generator: bool) -> list[PassCost]:
     if use_gan:
         p = PassCost("teacher forward [fake; real] + discriminator F+B", batch=2 * b, run=1)
         p.add("teacher", s.wan(2 * b, role="teacher").forward())
-        heads = F.disc_call(cfg, s.latent, 2 * b, len(local_heads), dmd.disc_width, dmd.disc_features)
+        heads = F.disc_call(cfg, s.latent, 2 * b, len(local_heads), dmd.disc_width, dmd.disc_features,
+                            arch=dmd.disc_arch)
         p.add("disc", heads.forward(), F.backward_of(heads, weights=True, streams=("disc",)))
         p.forward_only = True  # in the pipeline's terms: the heads' backward runs inside the forward op
         out.append(p)

@@ -54,7 +54,7 @@ def critic_costs(res: Resolved, role: str) -> tuple[list[float], float, float]:
     dmd = res.dmd2v
     if role == "teacher" and dmd is not None and dmd.gan_weight > 0:
         every = dmd.student_every
-        disc = F.disc_call(cfg, latent, 1, 1, dmd.disc_width, dmd.disc_features).forward().total
+        disc = F.disc_call(cfg, latent, 1, 1, dmd.disc_width, dmd.disc_features, arch=dmd.disc_arch).forward().total
         block = F.wan_blocks(cfg, latent, 1, [0]).forward().total
         # per iteration: teacher block 2x (GAN F + dX) / every + 2 (the [fake; real] forward); head 2 / every + 6
         weight = (2.0 / every + 6.0) / (2.0 / every + 2.0 + (1.0 / every if dmd.cfg_scale != 1.0 else 0.0))

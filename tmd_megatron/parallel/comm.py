@@ -9,6 +9,7 @@ Groups of size 1 do nothing and record nothing.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -80,10 +81,22 @@ def count_comm(counter: CommCounter | None = None):
         _counters.remove(counter)
 
 
-def _eager(fn):
-    """Transfers stay outside compiled regions (model.compile=true): torch.compile breaks its graph around them,
-    so every collective runs as written and the counter records each call."""
-    return torch.compiler.disable(fn)
+_EAGER = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_gather_object", "gather_object", "exchange")
+
+
+def keep_eager() -> None:
+    """Transfers stay outside compiled regions (model.compile=true): torch.compile breaks its graph around them, so
+    every collective runs as written and the counter records each call. Called when blocks are compiled, not at
+    import: `torch.compiler.disable` imports torch._dynamo, which imports triton, and triton must not be imported
+    before TRITON_INTERPRET is set where kernels are interpreted (tests/kernel_checks). Callers look the transfers
+    up on this module (`comm.all_gather(...)`), so rebinding the names here reaches every one of them."""
+    module = sys.modules[__name__]
+    for name in _EAGER:
+        fn = getattr(module, name)
+        if not getattr(fn, "_tmd_eager", False):
+            eager = torch.compiler.disable(fn)
+            eager._tmd_eager = True
+            setattr(module, name, eager)
 
 
 def _record(op: str, group: CommGroup, tensor: torch.Tensor) -> None:
@@ -92,7 +105,6 @@ def _record(op: str, group: CommGroup, tensor: torch.Tensor) -> None:
 
 
 # ---- collectives (plain functions; the autograd wrappers live in tensor.py) ------------------------------------
-@_eager
 def all_reduce(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """Sum over the group, in place; returns the tensor."""
     if group.size > 1:
@@ -101,7 +113,6 @@ def all_reduce(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return tensor
 
 
-@_eager
 def all_gather(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's tensor along `dim` in group-rank order."""
     if group.size == 1:
@@ -113,7 +124,6 @@ def all_gather(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Te
     return out.movedim(0, dim)
 
 
-@_eager
 def reduce_scatter(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torch.Tensor:
     """Sum over the group and keep this rank's equal chunk along `dim`."""
     if group.size == 1:
@@ -127,7 +137,6 @@ def reduce_scatter(tensor: torch.Tensor, group: CommGroup, dim: int = 0) -> torc
     return out.movedim(0, dim)
 
 
-@_eager
 def all_to_all(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """Chunk i of dim 0 goes to group rank i; returns the chunks received, stacked along dim 0 by source."""
     if group.size == 1:
@@ -141,7 +150,6 @@ def all_to_all(tensor: torch.Tensor, group: CommGroup) -> torch.Tensor:
     return out
 
 
-@_eager
 def all_gather_object(obj, group: CommGroup) -> list:
     """Python objects from every group rank (checkpoint conversion only; not counted as tensor traffic)."""
     if group.size == 1:
@@ -151,7 +159,6 @@ def all_gather_object(obj, group: CommGroup) -> list:
     return out
 
 
-@_eager
 def gather_object(obj, group: CommGroup) -> list | None:
     """Python objects from every group rank on group rank 0 (None elsewhere); host memory, through gloo."""
     if group.size == 1:
@@ -172,7 +179,6 @@ class _Pending:
         self._works, self._ops = [], []
 
 
-@_eager
 def exchange(
     group: CommGroup,
     sends: list[tuple[torch.Tensor, int]] = (),

@@ -242,6 +242,9 @@ class WanModel(nn.Module):
         """Regional torch.compile: each block is compiled on its own (every block runs the same code, so they
         share one compiled graph; a whole-model compile would trace the pipeline stage's variable block range,
         checkpointing and the layout's collectives). Absent blocks (other pipeline stages) stay as they are."""
+        from tmd_megatron.parallel.comm import keep_eager
+
+        keep_eager()  # the layout's collectives run eagerly between the compiled pieces
         for block in self.blocks:
             if isinstance(block, WanBlock):
                 block.compile()

@@ -9,6 +9,7 @@ import torch
 from tmd_megatron.parallel import TensorSpec, init_topology, run_pipeline, schedule_order, transfer
 
 WIDTH, M, B = 8, 4, 3
+SLOW_S = 0.1  # the last stage's forward in the run-ahead check
 
 
 def _weights(num_stages: int):
@@ -100,4 +101,18 @@ def run_engine_checks() -> dict:
         ref_out, _, _ = _reference(True)
         fwd["out_err"] = float((torch.stack([o[0] for o in res.outputs]) - ref_out).abs().max())
     results["forward_only"] = fwd
+
+    # sends do not wait for the receiver: with a slow last stage, the first stage streams all its forwards at once
+    import time
+
+    def slow_last(mb, inp):
+        if s == p - 1:
+            time.sleep(SLOW_S)
+        return (torch.tanh(inp[0] @ w),), None
+
+    res = run_pipeline(slow_last, topo.pp, M, boundary=boundary, inputs=inputs, forward_only=True)
+    ahead = dict(stage=s, last_forward_end=res.trace[-1][3], wall=res.wall)
+    if s == p - 1:
+        ahead["out_err"] = float((torch.stack([o[0] for o in res.outputs]) - _reference(True)[0]).abs().max())
+    results["run_ahead"] = ahead
     return results

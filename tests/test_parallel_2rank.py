@@ -106,6 +106,18 @@ def test_engine_forward_only_keeps_no_graph(results):
         assert e.get("out_err", 0.0) < 1e-6
 
 
+def test_engine_first_stage_runs_ahead_of_a_slow_last_stage(results):
+    """Sends are posted, not waited on (gloo's send waits for the receiver): in a forward-only stream the first
+    stage finishes its forwards while the last is still on its first, instead of in lockstep with it (which would
+    end its last forward after the last stage's second, at 2 x SLOW_S)."""
+    from pipeline_cases import SLOW_S
+
+    by_stage = {r["engine"]["run_ahead"]["stage"]: r["engine"]["run_ahead"] for r in results}
+    assert by_stage[0]["last_forward_end"] < SLOW_S, by_stage[0]
+    assert by_stage[1]["wall"] >= 4 * SLOW_S and by_stage[0]["wall"] >= 3 * SLOW_S  # the sends still complete
+    assert by_stage[1]["out_err"] < 1e-6
+
+
 def test_gan_gradient_through_frozen_wan_teacher(results):
     """PP2 Wan teacher, frozen: a loss on block 1's features (stage 0), no output gradient; the latent's
     gradient equals one process's and arrives on the last stage; only token gradients travel back."""

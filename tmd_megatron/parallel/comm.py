@@ -184,10 +184,16 @@ def exchange(
     sends: list[tuple[torch.Tensor, int]] = (),
     recvs: list[tuple[torch.Tensor, int]] = (),
     async_op: bool = False,
+    sends_in_flight: bool = False,
 ):
     """Point-to-point: send (tensor, dst global rank) and receive into (buffer, src global rank) in one batch.
 
     Batching sends and receives together is what keeps rings and pipelines free of deadlock.
+    sends_in_flight: wait for the receives only and return the sends still pending (wait on them before the
+    sent tensors may change or the pass ends). On gloo a send lasts until the peer posts its receive, so waiting on
+    it holds the sender in lockstep with the receiver. batch_isend_irecv returns one work per op on gloo, and one
+    coalesced work for NCCL-style backends (torch/distributed/distributed_c10d.py, batch_isend_irecv: the
+    `supports_coalescing` branch); that one is waited on whole, which on a GPU only orders the streams.
     """
     ops = []
     for t, peer in sends:
@@ -196,7 +202,15 @@ def exchange(
     for t, peer in recvs:
         _record("recv", group, t)
         ops.append(dist.P2POp(dist.irecv, t, peer, group._pg()))
-    pending = _Pending(dist.batch_isend_irecv(ops) if ops else [], ops)
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if sends_in_flight and len(works) == len(ops):
+        for w in works[len(sends):]:
+            w.wait()
+        return _Pending(works[:len(sends)], ops[:len(sends)])
+    pending = _Pending(works, ops)
+    if sends_in_flight:
+        pending.wait()
+        return _Pending([], [])
     if async_op:
         return pending
     pending.wait()

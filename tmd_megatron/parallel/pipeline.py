@@ -147,10 +147,22 @@ class _Links:
         self.first, self.last = pp.rank == 0, pp.rank == pp.size - 1
         self.prev = None if self.first else pp.ranks[pp.rank - 1]
         self.next = None if self.last else pp.ranks[pp.rank + 1]
+        self.in_flight = []  # posted sends (each keeps its tensors alive until it completes)
 
     def exchange(self, sends, recvs) -> None:
+        """One batch of this op's sends and the next op's receives (batched, as Megatron pairs
+        send_forward_recv_backward: a send and a receive with the same peer in separate NCCL groups deadlock), but
+        only the receives are waited on. A send lasts until the peer posts its receive (gloo: measured, an isend's
+        wait lasts until the receiver calls recv), so waiting on it would hold a stage in lockstep with its
+        neighbour where the schedule lets it run ahead: a forward-only stream, or an input sent before it is
+        needed. Every send has a matching receive in the peer's order, so the waits in `drain` finish."""
         if sends or recvs:
-            comm.exchange(self.pp, sends, recvs)
+            self.in_flight.append(comm.exchange(self.pp, sends, recvs, sends_in_flight=True))
+
+    def drain(self) -> None:
+        for pending in self.in_flight:
+            pending.wait()
+        self.in_flight = []
 
     def forward_buffers(self, mb: int):
         return [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in self.boundary(mb)]
@@ -277,6 +289,7 @@ def run_pipeline(
             sends = [] if links.first else [(g, links.prev) for g in grads]
         pending = recvs_for(order[idx + 1]) if idx + 1 < len(order) else []
         links.exchange(sends, pending)
+    links.drain()
     result.wall = time.perf_counter() - t0
     return result
 

@@ -124,6 +124,40 @@ def test_block_traffic_scales_with_tokens():
     assert math.isclose(a[1], b[1])  # the same ops
 
 
+def test_fused_traffic_counts_one_kernel_per_elementwise_run():
+    """relu((2x)ᵀ + 1) @ w, then (sigmoid(z) * 3).sum(): eager runs 6 elementwise ops, each reading and writing whole
+    tensors; fused, two kernels: the first reads x and writes the product's input, the second reads z and writes
+    the scalar. A view between ops of one run (the transpose) reads and writes nothing of its own."""
+    import torch
+
+    from tmd_megatron.models.flops import elementwise_traffic
+
+    x, w = torch.randn(64, 64), torch.randn(64, 64)
+    n = x.numel() * 4
+
+    def fn():
+        y = torch.relu((x * 2).t() + 1)
+        return ((y @ w).sigmoid() * 3).sum()
+
+    assert elementwise_traffic(fn, fused=True) == (3 * n + 4, 2)
+    eager_bytes, eager_ops = elementwise_traffic(fn)
+    assert eager_ops == 6 and eager_bytes > 2 * (3 * n + 4)
+
+
+def test_compiled_blocks_change_only_the_elementwise_term():
+    """model.compile=true: a block's fused traffic is under its eager traffic, with fewer ops (kernels), and the
+    predicted step is shorter in its passes only (optimizer, transfers and gradient reduction unchanged)."""
+    from tmd_megatron.training.timing import block_traffic, predict
+
+    cfg = _res().wan
+    eager, fused = block_traffic(cfg, 64, 2), block_traffic(cfg, 64, 2, fused=True)
+    assert fused[0] < eager[0] and fused[2] < eager[2] and fused[1] < eager[1] and fused[3] < eager[3]
+    a = predict(_res(), 1, "h100-ib")
+    b = predict(_res("model.compile=true"), 1, "h100-ib")
+    assert b.seconds < a.seconds and a.parts.keys() == b.parts.keys()
+    changed = {k for k in a.parts if not math.isclose(a.parts[k], b.parts[k])}
+    assert changed and all(k.startswith("passes") for k in changed), changed
+
 
 def test_collectives_take_no_core_but_wait_for_shared_peers():
     """Ops of 1 s compute + 1 s collective, two stages on one core, two microbatches forward only: the collectives

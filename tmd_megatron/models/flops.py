@@ -322,11 +322,16 @@ def flop_counter():
     return counter
 
 
-def elementwise_traffic(fn) -> tuple[float, int]:
+def elementwise_traffic(fn, fused: bool = False, breaks=()) -> tuple[float, int]:
     """(bytes read and written, number of ops) of everything fn runs besides products and attention: the
     elementwise and copy ops (norms, modulation, RoPE, activations, residual adds, casts), whose time is memory
     traffic and per-op overhead, not FLOPs. Views and allocations move nothing and are not counted as bytes. Runs
-    on the meta device as well (shapes only), which is how the step-time model counts a 14B block."""
+    on the meta device as well (shapes only), which is how the step-time model counts a 14B block.
+
+    fused=True counts what a compiler that fuses every elementwise chain leaves (inductor on a compiled block,
+    model.compile): each run of ops between two products, attention calls or ops in `breaks` is one kernel, which
+    reads each tensor from outside the run once and writes what leaves it (used by a later run, or never used
+    inside fn: returned or saved for the backward); what is made and used up inside the run stays in registers."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -336,20 +341,70 @@ def elementwise_traffic(fn) -> tuple[float, int]:
     skip = set(flop_registry) | {aten._scaled_dot_product_flash_attention_for_cpu,
                                  aten._scaled_dot_product_flash_attention_for_cpu_backward}
     free = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
-    state = {"bytes": 0.0, "ops": 0}
+    state = {"bytes": 0.0, "ops": 0, "region": 0, "open": False}
+    events = []  # fused: (region, inputs, outputs) of each counted op; the tensors are kept alive, ids stay unique
+    alias, kept = {}, []  # fused: id of a view -> id of its base tensor
+
+    def root(t) -> int:
+        k = id(t)
+        while k in alias:
+            k = alias[k]
+        return k
+
+    def tensors(tree):
+        return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
     class _Traffic(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             packet = func._overloadpacket
-            if packet in skip or func.is_view or func.namespace != "aten":  # prim.device & co. touch no data
+            if packet in skip or packet in breaks:
+                state["open"] = False
                 return out
-            state["ops"] += 1
-            if packet not in free:
-                state["bytes"] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
-                                      if isinstance(t, torch.Tensor))
+            if func.is_view and fused:  # a view reads and writes its base
+                src = tensors((args, kwargs))
+                if src:
+                    for t in tensors(out):
+                        alias[id(t)] = root(src[0])
+                        kept.append(t)
+            if func.is_view or func.namespace != "aten":  # prim.device & co. touch no data
+                return out
+            if not fused:
+                state["ops"] += 1
+                if packet not in free:
+                    state["bytes"] += sum(t.numel() * t.element_size() for t in tensors((args, kwargs, out)))
+                return out
+            if packet in free:
+                return out
+            if not state["open"]:
+                state["region"] += 1
+                state["open"] = True
+            events.append((state["region"], tensors((args, kwargs)), tensors(out)))
             return out
 
     with _Traffic():
         fn()
-    return state["bytes"], state["ops"]
+    if not fused:
+        return state["bytes"], state["ops"]
+    made, key = {}, root  # a tensor (its base, for views) -> the run that wrote it first
+    for region, _, outs in events:
+        for t in outs:
+            made.setdefault(key(t), region)
+    read_by = {}
+    for region, ins, _ in events:
+        for t in ins:
+            read_by.setdefault(key(t), set()).add(region)
+    total, seen = 0.0, set()
+    for region, ins, outs in events:
+        for t in ins:
+            k = key(t)
+            if made.get(k) != region and (region, k) not in seen:  # read once per kernel
+                seen.add((region, k))
+                total += t.numel() * t.element_size()
+        for t in outs:
+            k = key(t)
+            readers = read_by.get(k, set())
+            if (readers - {region} or not readers) and ("w", k) not in seen:
+                seen.add(("w", k))
+                total += t.numel() * t.element_size()
+    return total, state["region"]

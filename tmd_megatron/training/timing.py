@@ -118,9 +118,11 @@ def save_profile(profile: Profile, path: Path) -> None:
 
 # ---- elementwise traffic of a block -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def block_traffic(cfg, tokens: int, batch: int) -> tuple[float, int, float, int]:
+def block_traffic(cfg, tokens: int, batch: int, fused: bool = False) -> tuple[float, int, float, int]:
     """(bytes, ops) of one Wan block's forward and of its backward on `batch` samples of `tokens` tokens, fp32,
-    counted on fake tensors (shapes only; attention replaced by a kernel stand-in: its traffic is inside it)."""
+    counted on fake tensors (shapes only; attention replaced by a kernel stand-in: its traffic is inside it).
+    fused: as a compiled block runs them (model.compile; `elementwise_traffic(fused=True)`), the attention
+    stand-in ending a fused run as the real attention call does."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -155,8 +157,9 @@ def block_traffic(cfg, tokens: int, batch: int) -> tuple[float, int, float, int]
         e0 = torch.empty(batch, 6, cfg.dim, requires_grad=True)
         cos = sin = torch.empty(tokens, cfg.head_dim // 2)
         out = []
-        fwd = F.elementwise_traffic(lambda: out.append(block(x, ctx, e0, cos, sin)))
-        bwd = F.elementwise_traffic(lambda: out[0].backward(torch.empty_like(out[0])))
+        kernel_ops = {torch.ops.aten.new_empty}  # what the stand-in runs
+        fwd = F.elementwise_traffic(lambda: out.append(block(x, ctx, e0, cos, sin)), fused, kernel_ops)
+        bwd = F.elementwise_traffic(lambda: out[0].backward(torch.empty_like(out[0])), fused, kernel_ops)
     return fwd[0], fwd[1], bwd[0], bwd[1]
 
 
@@ -239,7 +242,7 @@ class StepModel:
         p = self.prof
         lc = F.Shard(self.lay.tp, self.lay.cp, self.lay.sequence_parallel).tokens(
             F.grid_tokens(self.res.wan, self.latent_fhw))[1]
-        fb, fo, bb, bo = block_traffic(self.res.wan, lc, b)
+        fb, fo, bb, bo = block_traffic(self.res.wan, lc, b, fused=self.res.raw.model.compile)
         tp = self.lay.tp
         elem = (f.block_fwd * (fb / tp / (p.mem_gbps * 1e9) + fo * p.op_us * 1e-6)
                 + f.block_bwd * (bb / tp / (p.mem_gbps * 1e9) + bo * p.op_us * 1e-6))

@@ -141,22 +141,25 @@ def _pipeline_cases(smoke: bool):
         if not smoke:
             over += [f"++model.overrides.{k}={v}" for k, v in PIPE_MODEL.items()]
             over += ["++data.synthetic.size=32", "data.latent=[16,3,16,16]"]
-        cases.append((m, ("pipeline", {"overrides": over, "steps": 1 if smoke else 4})))
+        cases.append((m, ("pipeline", {"overrides": over, "steps": 1 if smoke else 6})))
     return cases
 
 
 def pipeline_table(results: dict) -> str:
     out = ["TMD stage-2 steps of the real trainer under PP2 (the whole trio: student rollout, fake score, teacher with "
            "CFG and the GAN heads, discriminator; 2 samples per microbatch; dim 256, 4 blocks, 192 video tokens), "
-           "1F1B, 4 steps (two generator steps) after a warm-up step; per-role stage splits (training/partition.py) "
+           "1F1B, 6 steps (three generator steps) after a warm-up step; per-role stage splits (training/partition.py) "
            "and the critics' passes merged into one pipelined pass (programs.stage2_step). Whole step: idle = 1 − "
            "busy / wall with busy = the rank's main-thread CPU time over the step (all its work: passes, VSD, "
            "transfers issued, gradient reduction, optimizer; gloo waits block without spinning), so idle is the time "
-           "a stage waits. Pipelined passes: 1 − (compute ops in the traces) / (the passes' wall time). The issue's "
-           "bar: whole-step idle ≤ 1.3 × (p−1)/(m+p−1) at m ≥ 4.", "",
-           "| m | stage | idle, whole step | (p−1)/(m+p−1) | ratio | idle, pipelined passes | pipelined runs per step "
-           "| step time |",
-           "|---|---|---|---|---|---|---|---|"]
+           "a stage waits or is descheduled. Waiting = idle less the thread's run-queue wait (Linux schedstat: time "
+           "it was ready but another process held the core; two ranks fill both cores, so any other process takes "
+           "time from one of them), i.e. the time the stage waited for the other stage. Pipelined passes: 1 − "
+           "(compute ops in the traces) / (the passes' wall time). The issue's bar: whole-step idle ≤ "
+           "1.3 × (p−1)/(m+p−1) at m ≥ 4; the ratio is given for both.", "",
+           "| m | stage | idle, whole step | of which descheduled | waiting for the other stage | (p−1)/(m+p−1) "
+           "| ratio idle / waiting | idle, pipelined passes | pipelined runs per step | step time |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for m, per_rank in results.items():
         for r in per_rank:
             busy = sum(p["busy"] for s in r["steps"] for p in s["passes"])
@@ -166,7 +169,14 @@ def pipeline_table(results: dict) -> str:
             n_passes = statistics.mean(len(s["passes"]) for s in r["steps"])
             bound = 1 / (m + 1)
             idle = 1 - cpu / step_wall
-            out.append(f"| {m} | {r['stage']} | **{idle:.3f}** | {bound:.3f} | {idle / bound:.2f} | "
+            queued = [s.get("runqueue") for s in r["steps"]]
+            if None in queued:
+                sched = waiting = "n/a"
+                ratio = f"{idle / bound:.2f} / n/a"
+            else:
+                sched, wait = sum(queued) / step_wall, idle - sum(queued) / step_wall
+                sched, waiting, ratio = f"{sched:.3f}", f"**{wait:.3f}**", f"{idle / bound:.2f} / {wait / bound:.2f}"
+            out.append(f"| {m} | {r['stage']} | **{idle:.3f}** | {sched} | {waiting} | {bound:.3f} | {ratio} | "
                        f"{1 - busy / wall:.3f} | {n_passes:g} | {_ms(step_wall / len(r['steps']))} |")
     return "\n".join(out)
 
@@ -292,7 +302,9 @@ def run(parts, smoke: bool) -> dict[str, str]:
         tables["time"] = time_table(res, smoke, profile)
     if "compile" in parts:
         res = {key: _quiet_run(case, world) for key, world, case in _compile_cases(smoke)}
-        tables["compile"] = compile_table(res)
+        from tmd_megatron.training.timing import load_profile
+
+        tables["compile"] = compile_table(res, smoke, profile if "time" in parts else load_profile("cpu"))
     return tables
 
 

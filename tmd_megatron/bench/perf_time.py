@@ -111,20 +111,37 @@ def _compile_cases(smoke: bool):
             for compiled in (False, True)]
 
 
-def compile_table(results: dict) -> str:
+def _predicted_speedup(lay: str, stage: str, smoke: bool, profile, latent) -> float:
+    """Eager over compiled iteration time by the step-time model (a compiled block's elementwise ops fused:
+    timing.block_traffic(fused=True))."""
+    from tmd_megatron.training.config import compose, resolve
+    from tmd_megatron.training.timing import predict
+
+    world, extra = COMPILE_LAYOUTS[lay]
+    secs = [predict(resolve(compose(_time_recipe([*extra, *TIME_STAGES[stage], f"model.compile={c}"], smoke))),
+                    world, profile, latent=latent).seconds for c in ("false", "true")]
+    return secs[0] / secs[1]
+
+
+def compile_table(results: dict, smoke: bool, profile) -> str:
     out = [f"Real trainer steps with `model.compile=true` (each DiT block and the fusion block compiled on its own by "
            f"inductor; collectives eager) against eager, same recipe and seed (dim {TIME_MODEL['dim']}, "
            f"{TIME_MODEL['num_layers']} blocks, 192 video tokens, 8 samples in 4 microbatches, fp32, one thread per "
-           "rank). Step time: median of the steps after two warm-up steps (stage 2: every step, generator and "
-           "critic-only alike); the warm-up steps hold the compilation. Numerics: tests/test_compile.py and the "
-           "compiled layouts of tests/test_parallel_2rank.py.", "",
-           "| layout | stage | eager step | compiled step | **speedup** | first two steps, compiled | other jobs "
-           "(cores) |", "|---|---|---|---|---|---|---|"]
+           "rank). Step time: mean of the steps after two warm-up steps (stage 2: generator and critic-only steps "
+           "alike, as the model's iteration averages them); the warm-up steps hold the compilation. Predicted: "
+           "`tmd-plan --time --cluster cpu` with model.compile false and true, whose only difference is the "
+           "elementwise term: every run of elementwise ops between two products or attention calls becomes one "
+           "kernel reading its inputs once and writing what leaves it (models.flops.elementwise_traffic(fused=True)); "
+           "it does not count graph breaks at the eager collectives or guard checks. Numerics: tests/test_compile.py "
+           "and the compiled layouts of tests/test_parallel_2rank.py.", "",
+           "| layout | stage | eager step | compiled step | **speedup** | predicted speedup | first two steps, "
+           "compiled | other jobs (cores) |", "|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys(k[:2] for k in results))
     for lay, stage in keys:
         eager, comp = results[(lay, stage, False)][0], results[(lay, stage, True)][0]
-        te = statistics.median(s["wall"] for s in eager["steps"])
-        tc = statistics.median(s["wall"] for s in comp["steps"])
-        out.append(f"| {lay} | {stage} | {_ms(te)} | {_ms(tc)} | **{te / tc:.2f}** | {sum(comp['warmup']):.1f} s | "
-                   f"{max(eager['other_cores'], comp['other_cores']):.2f} |")
+        te = statistics.mean(s["wall"] for s in eager["steps"])
+        tc = statistics.mean(s["wall"] for s in comp["steps"])
+        pred = _predicted_speedup(lay, stage, smoke, profile, eager["latent"])
+        out.append(f"| {lay} | {stage} | {_ms(te)} | {_ms(tc)} | **{te / tc:.2f}** | {pred:.2f} | "
+                   f"{sum(comp['warmup']):.1f} s | {max(eager['other_cores'], comp['other_cores']):.2f} |")
     return "\n".join(out)

@@ -55,6 +55,19 @@ def _busy(result) -> float:
     return sum(end - start for _, _, start, end in result.trace)
 
 
+def _runqueue_wait() -> float | None:
+    """Seconds this thread has been ready to run but not running (another thread held the core; pinning each rank's
+    main thread to a core of its own did not reduce it, measured), from Linux's /proc/<pid>/task/<tid>/schedstat
+    (on-CPU ns, run-queue wait ns, timeslices); None where it does not exist."""
+    import threading
+
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
     from tmd_megatron.training.passes import Passes
 
@@ -88,12 +101,13 @@ def pipeline_case(overrides: list[str], out_dir: str, steps: int) -> dict:
         passes.clear()
         generator = "student" in trainer.updates_this_step()
         comm.all_reduce(torch.zeros(1), topo.world)  # both stages start the step together
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0, q0 = time.perf_counter(), time.thread_time(), _runqueue_wait()
         trainer.advance()
         # the main thread's CPU time is its busy time: gloo waits block without spinning (measured: a 2 s recv
         # costs 0 s of thread time), and one thread per rank computes
+        q1 = _runqueue_wait()
         records.append({"generator": generator, "wall": time.perf_counter() - t0, "cpu": time.thread_time() - c0,
-                        "passes": list(passes)})
+                        "runqueue": None if q0 is None else q1 - q0, "passes": list(passes)})
     return {"rank": topo.world.rank, "stage": topo.pp.rank, "steps": records}
 
 

@@ -2,6 +2,7 @@
 smoke run of each benchmark script so they cannot rot."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -115,7 +116,21 @@ def test_quality_script_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("Teacher (Euler 2x2", "DMD2-v M=1 (KD warm-up)", "DMD2-v M=2", "TMD M=2 N=2"):
         assert f"| {name}" in out
+    assert "| TMD M=2 N=2 − DMD2-v M=2 | 2 |" in out  # the paired row, against DMD2-v at the same M
+    kd_row = next(line for line in out.splitlines() if line.startswith("| DMD2-v M=1 (KD warm-up) |"))
+    assert "| 2 + 2 | 32 |" in kd_row  # KD: 8 pairs x 2 Euler steps x 2 (CFG) teacher evaluations, on top
+    assert "| 0 + 2 | 0 |" in next(line for line in out.splitlines() if line.startswith("| DMD2-v M=2 |"))
     assert (tmp_path / "results.json").exists()
+    first = json.loads((tmp_path / "results.json").read_text())["runs"]
+
+    # a rerun takes every finished step from the cache; a stage-2 setting reruns stage 2 only
+    quality.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "done " not in out and "cached teacher" in out and "cached TMD M=2 N=2 s1" in out
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == first
+    quality.main(["--smoke", "--out", str(tmp_path), "--set", "stage2_steps=3"])
+    out = capsys.readouterr().out
+    assert "cached TMD M=2 N=2 s0 stage1" in out and "done TMD M=2 N=2 s0 (" in out and "| 2 + 3 |" in out
 
     from tmd_megatron.bench import quality_stage1
 
@@ -129,8 +144,8 @@ def test_quality_script_smoke(tmp_path, capsys):
     quality.main(["--smoke", "--out", str(tmp_path / "variant"), "--teacher", str(teacher),
                   "--set", "stage1_steps=3", "--set", 'methods=[["tmd",2,2]]'])
     out = capsys.readouterr().out
-    assert f"Teacher: reused from {teacher}" in out and "3 + 2 iterations" in out
-    assert "| TMD M=2 N=2 |" in out and "DMD2-v" not in out
+    assert f"Teacher: reused from {teacher}" in out and "| 3 + 2 |" in out
+    assert "| TMD M=2 N=2 |" in out and "| DMD2-v" not in out
     assert not (tmp_path / "variant" / "runs" / "teacher").exists()
     with pytest.raises(SystemExit, match="FIELD one of"):
         quality.main(["--smoke", "--out", str(tmp_path / "bad"), "--set", "stage_one=3"])
@@ -150,3 +165,32 @@ def test_doc_section_rewrites_only_between_its_markers(tmp_path):
     doc.write_text(f"{end}\n{begin}\n")  # markers out of order: nothing to replace, refused
     with pytest.raises(ValueError, match="found 0"):
         write_section("perf", "x", doc)
+
+
+def test_t_quantiles_match_the_printed_table():
+    """Student-t 97.5 % points as every statistics table prints them (df 1, 3, 10, 30)."""
+    from tmd_megatron.bench.stats import t_quantile
+
+    for df, printed in ((1, 12.706), (3, 3.182), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
+
+
+def test_paired_table_takes_differences_per_seed():
+    """Two arms whose scores swing together over seeds: the paired interval is narrow and excludes 0 although
+    the arms' own spreads overlap; each TMD arm is compared with DMD2-v at its own M, KD variant first."""
+    from tmd_megatron.bench.quality_report import baseline_of, paired_table
+    from tmd_megatron.bench.stats import paired_difference
+
+    base, tmd = [60.0, 70.0, 80.0, 90.0], [61.0, 71.5, 80.5, 91.0]
+    runs = {}
+    for s, (b, t) in enumerate(zip(base, tmd)):
+        runs[f"DMD2-v M=1 (KD warm-up) s{s}"] = {"overall": b, "quality": b, "semantic": b}
+        runs[f"DMD2-v M=1 (no KD) s{s}"] = {"overall": b - 2, "quality": b, "semantic": b}
+        runs[f"TMD M=1 N=2 s{s}"] = {"overall": t, "quality": t, "semantic": t}
+    text = paired_table({"runs": runs})
+    mean, lo, hi = paired_difference(tmd, base)
+    assert mean == pytest.approx(1.0) and 0 < lo < 1 < hi < 2
+    assert f"| TMD M=1 N=2 − DMD2-v M=1 (KD warm-up) | 4 | {mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" in text
+    assert "| DMD2-v M=1 (no KD) − DMD2-v M=1 (KD warm-up) | 4 | -2.0 [-2.0, -2.0]" in text
+    names = ["DMD2-v M=1 (KD warm-up)", "DMD2-v M=1 (no KD)", "DMD2-v M=2", "TMD M=2 N=4"]
+    assert baseline_of("TMD M=2 N=4", names) == "DMD2-v M=2" and baseline_of("DMD2-v M=2", names) is None

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import torch
 from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
 
 from .doc import DOC, command_line, publish
+from .jobs import Cache, Job, schedule
+from .jobs import digest as jobs_digest
 from .quality_report import render
 from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
@@ -62,31 +63,43 @@ class QualityConfig:
     head_blocks: int = 1  # H
     disc_layers: tuple[int, ...] = (1, 3)
     disc_width: int = 16
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # paired: at least 4 for a t interval worth reading (issue 14)
     eval_prompts: int = 256
     classifier_steps: int = 800
     workers: int = 2
-    methods: tuple[tuple, ...] = (("dmd2v", 1), ("dmd2v", 2), ("tmd", 1, 2), ("tmd", 1, 4), ("tmd", 2, 2), ("tmd", 2, 4))
+    # ("dmd2v", M, KD warm-up 1/0) and ("tmd", M, N); the main table of the paper's Tables 1/2
+    methods: tuple[tuple, ...] = (("dmd2v", 1, 1), ("dmd2v", 1, 0), ("dmd2v", 2, 0), ("tmd", 1, 2), ("tmd", 1, 4),
+                                  ("tmd", 2, 2), ("tmd", 2, 4))
 
 
 SMOKE = QualityConfig(model={"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_len": 16},
                       train_clips=64, teacher_steps=4, teacher_batch=4, teacher_sampling_steps=2, kd_pairs=8,
                       stage1_steps=2, stage2_steps=2, batch=4, head_blocks=1, disc_layers=(0, 1), disc_width=8,
                       seeds=(0, 1), eval_prompts=16, classifier_steps=4,
-                      methods=(("dmd2v", 1), ("dmd2v", 2), ("tmd", 2, 2)))
+                      methods=(("dmd2v", 1, 1), ("dmd2v", 2, 0), ("tmd", 2, 2)))
 
 
 def method_name(method: tuple) -> str:
     if method[0] == "dmd2v":
-        return f"DMD2-v M={method[1]}" + (" (KD warm-up)" if method[1] == 1 else "")
+        return f"DMD2-v M={method[1]}" + (" (KD warm-up)" if has_kd(method) else (" (no KD)" if method[1] == 1 else ""))
     return f"TMD M={method[1]} N={method[2]}"
 
 
+def has_kd(method: tuple) -> bool:
+    """DMD2-v with the KD warm-up; a 2-tuple ("dmd2v", M) is the older spelling: KD at M = 1 only."""
+    return method[0] == "dmd2v" and bool(method[2] if len(method) > 2 else method[1] == 1)
+
+
+def teacher_evaluations(cfg: QualityConfig, method: tuple) -> int:
+    """Teacher forward passes spent before stage 2, per sample of pretraining data summed: the KD pairs' ODEs
+    (steps x 2 under CFG). TM-MF trains on data with the student's own unconditional velocity (cfg_source
+    'student'), so it spends none; stage 2 spends the same per iteration in every arm."""
+    if not has_kd(method):
+        return 0
+    return cfg.kd_pairs * cfg.teacher_sampling_steps * (2 if cfg.guidance != 1.0 else 1)
+
+
 # ---- runs (in worker processes) ---------------------------------------------------------------------------
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # one worker per core: oversubscribed OpenMP threads spin and slow everyone ~10x
-
-
 def _common(cfg: QualityConfig, out: Path, name: str, seed: int, steps: int) -> list[str]:
     model = [f"++model.overrides.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in cfg.model.items()]
     return ["model.preset=tiny", *model, "++model.overrides.text_dim=32", "data.source=shards",
@@ -179,20 +192,21 @@ def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, met
 
 def run_name(method: tuple, seed: int, stage: int) -> str:
     """The run directory of one stage of one method and seed (under <out>/runs)."""
-    return f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}_s{seed}_stage{stage}"
+    tag = "" if method[0] != "dmd2v" or method[1] != 1 else ("_KD" if has_kd(method) else "_noKD")
+    return f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}{tag}_s{seed}_stage{stage}"
 
 
 def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int) -> dict:
-    """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored."""
+    """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored. The paper's budget rule: every arm's
+    stage 2 runs `stage2_steps` iterations; the TM-MF stage and the KD warm-up (`stage1_steps`) come on top."""
     name = run_name(method, seed, stage)
-    if method[0] == "dmd2v" and method[1] == 1 and stage == 1:  # KD warm-up on the teacher's ODE pairs
+    if has_kd(method) and stage == 1:  # KD warm-up on the teacher's ODE pairs
         over = _common(cfg, out, name, seed, cfg.stage1_steps)
         over = [o for o in over if not o.startswith(("data.shards", "data.negative"))]
         over += ["method=kd", f"model.teacher={teacher}", f"data.shards=[{out / 'kd'}]",
                  f"data.negative={out / 'negative.pt'}", f"optim.lr={cfg.lr}"]
     elif method[0] == "dmd2v":
-        steps = cfg.stage2_steps + (cfg.stage1_steps if method[1] != 1 else 0)
-        over = _common(cfg, out, name, seed, steps) + ["method=dmd2v", f"model.teacher={teacher}",
+        over = _common(cfg, out, name, seed, cfg.stage2_steps) + ["method=dmd2v", f"model.teacher={teacher}",
                                                         f"distill.outer_steps={method[1]}", *_stage2(cfg)]
         if init:
             over.append(f"model.init={init}")
@@ -213,41 +227,17 @@ def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str |
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    name: str
-    fn: object
-    args: tuple
-    deps: tuple[str, ...] = ()
-    then: object = None  # callable(results) -> args appended once the deps are done (their outputs)
+DATA_FIELDS = ("model", "frames", "size", "train_clips", "classifier_steps", "eval_prompts")
+TEACHER_FIELDS = DATA_FIELDS + ("teacher_steps", "teacher_lr", "teacher_batch")
+KD_FIELDS = TEACHER_FIELDS + ("kd_pairs", "teacher_sampling_steps", "guidance", "sampling_shift", "workers")
+NOT_ARM_FIELDS = ("seeds", "methods", "workers")  # which arms run, not how one runs
+STAGE2_FIELDS = ("stage2_steps", "lr_critic", "student_every", "disc_layers", "disc_width")  # not read by stage 1
 
 
-def schedule(jobs: list[Job], workers: int, log) -> dict[str, dict]:
-    """Run jobs on a process pool as their dependencies finish; longest remaining chains first."""
-    results, pending, running = {}, {j.name: j for j in jobs}, {}
-    depth = {}
-
-    def chain(name):
-        if name not in depth:
-            depth[name] = 1 + max((chain(j.name) for j in jobs if name in j.deps), default=0)
-        return depth[name]
-
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
-        while pending or running:
-            ready = sorted((j for j in pending.values() if all(d in results for d in j.deps)),
-                           key=lambda j: -chain(j.name))
-            for job in ready[: max(0, workers - len(running))]:
-                args = job.args + (job.then(results) if job.then else ())
-                running[pool.submit(job.fn, *args)] = job.name
-                del pending[job.name]
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                name = running.pop(fut)
-                results[name] = fut.result()
-                log(f"done {name} ({results[name].get('wall', 0):.0f} s)")
-    return results
+def cache_key(cfg: QualityConfig, fields=None) -> dict:
+    """The configuration a cached result depends on: `fields`, or every field that shapes one arm's run."""
+    d = asdict(cfg)
+    return {k: d[k] for k in (fields or [k for k in d if k not in NOT_ARM_FIELDS])}
 
 
 def prepare(cfg: QualityConfig, out: Path, log) -> dict:
@@ -267,52 +257,72 @@ def prepare(cfg: QualityConfig, out: Path, log) -> dict:
             **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
 
 
-def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None) -> dict:
+def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None, fresh: bool = False) -> dict:
     """Data and classifier, then the teacher (this process, all its threads; or `teacher_dir`, the export of an
     earlier run with the same model and data), then every distillation run and evaluation on the worker pool (one
-    thread each, so the cores are never oversubscribed)."""
+    thread each, so the cores are never oversubscribed). Each finished step is cached under <out>/cache with the
+    configuration it depends on (bench/jobs.py), so a rerun runs only what changed; fresh=True ignores the cache."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    real = prepare(cfg, out, log)
+    cache = Cache(None if fresh else out / "cache")
+    data_key = jobs_digest(["prepare", cache_key(cfg, DATA_FIELDS)])
+    real = cache.get("prepare", data_key)
+    if real is None:
+        real = {**prepare(cfg, out, log), "files": [str(out / n) for n in ("data", "negative.pt", "classifier.pt")]}
+        cache.put("prepare", data_key, real)
     if teacher_dir:
         if not (Path(teacher_dir) / "config.json").exists():
             raise FileNotFoundError(f"--teacher {teacher_dir}: no Wan export there (expected <run>/runs/teacher/export)")
         teacher_run = {"export": str(teacher_dir), "wall": 0.0, "steps": 0, "method": "flow_matching",
                        "reused": str(teacher_dir)}
     else:
-        teacher_run = train_run(_common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
-            "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100", "optim.schedule=cosine",
-            f"data.global_batch={cfg.teacher_batch}"])
-        log(f"teacher trained in {teacher_run['wall']:.0f} s")
+        teacher_key = jobs_digest(["teacher", cache_key(cfg, TEACHER_FIELDS)])
+        teacher_run = cache.get("teacher", teacher_key)
+        if teacher_run is None:
+            teacher_run = train_run(_common(cfg, out, "teacher", 0, cfg.teacher_steps) + [
+                "method=flow_matching", f"optim.lr={cfg.teacher_lr}", "optim.warmup_steps=100",
+                "optim.schedule=cosine", f"data.global_batch={cfg.teacher_batch}"])
+            cache.put("teacher", teacher_key, teacher_run)
+            log(f"teacher trained in {teacher_run['wall']:.0f} s")
+        else:
+            log(f"cached teacher ({teacher_run['export']})")
     teacher = teacher_run["export"]
-    needs_kd = any(method[0] == "dmd2v" and method[1] == 1 for method in cfg.methods)
-    jobs = [Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out, teacher, rank, cfg.workers))
-            for rank in range(cfg.workers if needs_kd else 0)]
+    teacher_id = teacher_dir or cache_key(cfg, TEACHER_FIELDS)  # what the distillation runs depend on
+    arm_key = cache_key(cfg)
+    needs_kd = any(has_kd(method) for method in cfg.methods)
+    jobs = [Job(f"kd_pairs{rank}", make_kd_pairs, (cfg, out, teacher, rank, cfg.workers),
+                key=["kd", cache_key(cfg, KD_FIELDS), teacher_id, rank]) for rank in range(cfg.workers if needs_kd else 0)]
     kd_deps = tuple(job.name for job in jobs)
     for seed in cfg.seeds:
-        jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed, teacher)))
+        jobs.append(Job(f"eval teacher s{seed}", evaluate_teacher, (cfg, out, seed, teacher),
+                        key=["eval teacher", cache_key(cfg, KD_FIELDS), teacher_id, seed]))
         for method in cfg.methods:
-            key = f"{method_name(method)} s{seed}"
-            if method[0] == "tmd" or method[1] == 1:  # two stages: TM-MF or KD first
+            name = f"{method_name(method)} s{seed}"
+            key = ["arm", arm_key, teacher_id, list(method), seed]
+            if method[0] == "tmd" or has_kd(method):  # two stages: TM-MF or KD first
                 deps = kd_deps if method[0] == "dmd2v" else ()
-                jobs.append(Job(key + " stage1", distill, (cfg, out, method, seed, None, teacher, 1), deps))
-                jobs.append(Job(key, distill, (cfg, out, method, seed), (key + " stage1",),
-                                lambda r, k=key: (r[k + " stage1"]["export"], teacher, 2)))
+                stage1_key = {k: v for k, v in arm_key.items() if k not in STAGE2_FIELDS}
+                jobs.append(Job(name + " stage1", distill, (cfg, out, method, seed, None, teacher, 1), deps,
+                                key=["arm", stage1_key, teacher_id, list(method), seed, 1]))
+                jobs.append(Job(name, distill, (cfg, out, method, seed), (name + " stage1",),
+                                lambda r, k=name: (r[k + " stage1"]["export"], teacher, 2), key=key + [2]))
             else:
-                jobs.append(Job(key, distill, (cfg, out, method, seed, None, teacher, 2)))
-    results = schedule(jobs, cfg.workers, log)
+                jobs.append(Job(name, distill, (cfg, out, method, seed, None, teacher, 2), key=key + [2]))
+    results = schedule(jobs, cfg.workers, log, cache)
     summary = {"config": asdict(cfg), "real": real, "teacher_train": teacher_run, "runs": {},
                "minutes": (time.time() - t_start) / 60}
     for seed in cfg.seeds:
         summary["runs"][f"Teacher (Euler {cfg.teacher_sampling_steps}x2, CFG {cfg.guidance:g}) s{seed}"] = \
             results[f"eval teacher s{seed}"]
         for method in cfg.methods:
-            key = f"{method_name(method)} s{seed}"
-            r = dict(results[key])
-            if key + " stage1" in results:
-                r["wall"] += results[key + " stage1"]["wall"]
-                r["steps"] += results[key + " stage1"]["steps"]
-            summary["runs"][key] = r
+            name = f"{method_name(method)} s{seed}"
+            r = {**results[name], "stage2_steps": results[name]["steps"], "stage1_steps": 0,
+                 "teacher_evals": teacher_evaluations(cfg, method)}
+            if name + " stage1" in results:
+                r["wall"] += results[name + " stage1"]["wall"]
+                r["stage1_steps"] = results[name + " stage1"]["steps"]
+                r["steps"] += results[name + " stage1"]["steps"]
+            summary["runs"][name] = r
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -327,6 +337,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); never writes the doc")
     ap.add_argument("--out", default="runs/bench_quality", help="working directory (runs, checkpoints, results.json)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    ap.add_argument("--fresh", action="store_true", help="ignore the cache of finished runs under OUT/cache (after a "
+                                                         "code change: the cache keys hold the configuration only)")
     ap.add_argument("--teacher", help="use this teacher export (an earlier run's runs/teacher/export) instead of "
                                       "training one")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -334,7 +346,8 @@ def main(argv=None) -> None:
                          "--set 'methods=[[\"tmd\",1,2]]' (a changed configuration only prints)")
     args = ap.parse_args(argv)
     cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
-    summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher)
+    summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher,
+                  fresh=args.fresh)
     publish("quality", render(summary, command_line("tmd_megatron.bench.quality", argv)),
             write=not (args.smoke or args.no_write or args.set))
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .doc import DOC, command_line, publish
-from .quality import SMOKE, Job, QualityConfig, evaluate, method_name, run_name, schedule, with_settings
+from .jobs import Job, schedule
+from .quality import SMOKE, QualityConfig, evaluate, has_kd, method_name, run_name, with_settings
 from .quality_report import table
 
 
@@ -26,7 +27,7 @@ def score(cfg: QualityConfig, out: Path, log=print) -> dict:
         raise ValueError(f"{results} was made with another configuration (--smoke or not): use the same flag here")
     jobs = []
     for method in cfg.methods:
-        if method[0] == "dmd2v" and method[1] != 1:
+        if method[0] == "dmd2v" and not has_kd(method):
             continue  # single-stage
         label = ("KD" if method[0] == "dmd2v" else "TM-MF") + f" (stage 1 of {method_name(method).split(' (')[0]})"
         kind = "dmd2v" if method[0] == "dmd2v" else "tmd"

@@ -132,6 +132,16 @@ def test_quality_script_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cached TMD M=2 N=2 s0 stage1" in out and "done TMD M=2 N=2 s0 (" in out and "| 2 + 3 |" in out
 
+    # ablations on the same --out: the baseline arm is the main table's (cached); only the variants run
+    quality.main(["--smoke", "--out", str(tmp_path), "--ablation", "vsd-norm"])
+    out = capsys.readouterr().out
+    assert "cached TMD M=2 N=2 s0" in out and "done TMD M=2 N=2 [vsd-printed] s0 stage1" in out
+    assert "| TMD M=2 N=2 [vsd-printed] − TMD M=2 N=2 | 2 |" in out
+    quality.main(["--smoke", "--out", str(tmp_path), "--ablation", "stage1"])
+    out = capsys.readouterr().out
+    assert "[no-stage1] s0 stage1" not in out and "done TMD M=2 N=2 [no-stage1] s0 (" in out
+    assert "| 0 + 2 |" in next(line for line in out.splitlines() if line.startswith("| TMD M=2 N=2 [no-stage1] |"))
+
     from tmd_megatron.bench import quality_stage1
 
     quality_stage1.main(["--smoke", "--out", str(tmp_path)])
@@ -194,3 +204,28 @@ def test_paired_table_takes_differences_per_seed():
     assert "| DMD2-v M=1 (no KD) − DMD2-v M=1 (KD warm-up) | 4 | -2.0 [-2.0, -2.0]" in text
     names = ["DMD2-v M=1 (KD warm-up)", "DMD2-v M=1 (no KD)", "DMD2-v M=2", "TMD M=2 N=4"]
     assert baseline_of("TMD M=2 N=4", names) == "DMD2-v M=2" and baseline_of("DMD2-v M=2", names) is None
+
+
+@pytest.mark.parametrize("variant", sorted(__import__("tmd_megatron.bench.quality_ablations",
+                                                      fromlist=["VARIANTS"]).VARIANTS))
+def test_every_ablation_variant_is_a_valid_recipe_change(variant):
+    """Each variant's overrides compose and resolve on a TMD recipe (a misspelt key or value is refused by hydra or
+    the configs' checks) and change what they say they change."""
+    from tmd_megatron.bench.quality_ablations import VARIANTS
+    from tmd_megatron.training.config import compose, resolve
+
+    v = VARIANTS[variant]
+    checked = 0
+    for stage, extra in (("tm_mf", v.stage1), ("tmd", v.stage2)):
+        base = resolve(compose(["experiment=tiny_smoke", f"method={stage}"]))
+        res = resolve(compose(["experiment=tiny_smoke", f"method={stage}", *extra]))
+        for override in extra:
+            path, _ = override.split("=")
+            if not path.startswith("method."):
+                continue
+            _, section, field = path.split(".")
+            got, ref = getattr(res, section), getattr(base, section)
+            if got is not None:  # a section the stage reads (method=tm_mf has no dmd2v)
+                assert getattr(got, field) != getattr(ref, field), (variant, stage, override)
+                checked += 1
+    assert checked or v.skip_stage1

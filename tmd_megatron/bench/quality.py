@@ -32,6 +32,7 @@ from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
 from .doc import DOC, command_line, publish
 from .jobs import Cache, Job, schedule
 from .jobs import digest as jobs_digest
+from .quality_ablations import ABLATIONS, variant_of
 from .quality_report import render
 from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
@@ -80,6 +81,8 @@ SMOKE = QualityConfig(model={"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_laye
 
 
 def method_name(method: tuple) -> str:
+    if len(method) > 3:  # an ablation's variant of a main-table arm (bench/quality_ablations.py)
+        return f"{method_name(method[:3])} [{method[3]}]"
     if method[0] == "dmd2v":
         return f"DMD2-v M={method[1]}" + (" (KD warm-up)" if has_kd(method) else (" (no KD)" if method[1] == 1 else ""))
     return f"TMD M={method[1]} N={method[2]}"
@@ -193,13 +196,15 @@ def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, met
 def run_name(method: tuple, seed: int, stage: int) -> str:
     """The run directory of one stage of one method and seed (under <out>/runs)."""
     tag = "" if method[0] != "dmd2v" or method[1] != 1 else ("_KD" if has_kd(method) else "_noKD")
-    return f"{method_name(method).split(' (')[0].replace(' ', '_').replace('=', '')}{tag}_s{seed}_stage{stage}"
+    tag += f"_{method[3]}" if len(method) > 3 else ""
+    return f"{method_name(method[:3]).split(' (')[0].replace(' ', '_').replace('=', '')}{tag}_s{seed}_stage{stage}"
 
 
 def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int) -> dict:
     """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored. The paper's budget rule: every arm's
     stage 2 runs `stage2_steps` iterations; the TM-MF stage and the KD warm-up (`stage1_steps`) come on top."""
     name = run_name(method, seed, stage)
+    variant = variant_of(method)
     if has_kd(method) and stage == 1:  # KD warm-up on the teacher's ODE pairs
         over = _common(cfg, out, name, seed, cfg.stage1_steps)
         over = [o for o in over if not o.startswith(("data.shards", "data.negative"))]
@@ -211,14 +216,16 @@ def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str |
         if init:
             over.append(f"model.init={init}")
     else:
-        _, m, n = method
+        _, m, n = method[:3]
         over = _common(cfg, out, name, seed, cfg.stage1_steps if stage == 1 else cfg.stage2_steps)
         over += [f"model.teacher={teacher}", f"distill.outer_steps={m}", f"distill.inner_steps={n}",
                  f"distill.head_blocks={cfg.head_blocks}"]
         if stage == 1:
             over += ["method=tm_mf", f"++method.tm_mf.cfg_scale={cfg.guidance}", f"optim.lr={cfg.lr}"]
         else:
-            over += ["method=tmd", f"model.init={init}", *_stage2(cfg)]
+            over += ["method=tmd", f"model.init={init or 'teacher'}", *_stage2(cfg)]
+    if variant is not None:
+        over += list(variant.stage1 if stage == 1 else variant.stage2)
     run = train_run(over)
     if stage == 1:
         return run
@@ -299,7 +306,8 @@ def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None
         for method in cfg.methods:
             name = f"{method_name(method)} s{seed}"
             key = ["arm", arm_key, teacher_id, list(method), seed]
-            if method[0] == "tmd" or has_kd(method):  # two stages: TM-MF or KD first
+            variant = variant_of(method)
+            if (method[0] == "tmd" or has_kd(method)) and not (variant and variant.skip_stage1):  # TM-MF or KD first
                 deps = kd_deps if method[0] == "dmd2v" else ()
                 stage1_key = {k: v for k, v in arm_key.items() if k not in STAGE2_FIELDS}
                 jobs.append(Job(name + " stage1", distill, (cfg, out, method, seed, None, teacher, 1), deps,
@@ -344,11 +352,18 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="change a QualityConfig field, e.g. --set stage1_steps=1000 "
                          "--set 'methods=[[\"tmd\",1,2]]' (a changed configuration only prints)")
+    ap.add_argument("--ablation", choices=sorted(ABLATIONS), help="run this ablation's arms (bench/"
+                    "quality_ablations.py) instead of the main table; its own section of the doc")
     args = ap.parse_args(argv)
     cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
+    if args.ablation:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, methods=tuple(ABLATIONS[args.ablation]))
     summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher,
                   fresh=args.fresh)
-    publish("quality", render(summary, command_line("tmd_megatron.bench.quality", argv)),
+    section = f"quality-ablation-{args.ablation}" if args.ablation else "quality"
+    publish(section, render(summary, command_line("tmd_megatron.bench.quality", argv)),
             write=not (args.smoke or args.no_write or args.set))
 
 

@@ -49,7 +49,10 @@ def table(summary: dict) -> str:
 
 def baseline_of(name: str, names: list[str]) -> str | None:
     """The arm a method is compared with: DMD2-v at the same M (its KD warm-up variant where there is one); the
-    DMD2-v arms without KD against the one with it."""
+    DMD2-v arms without KD against the one with it; an ablation's variant ("<arm> [variant]") against its arm."""
+    if name.endswith("]") and " [" in name:
+        base = name.rsplit(" [", 1)[0]
+        return base if base in names else None
     if not name.startswith(("TMD M=", "DMD2-v M=")) or "KD warm-up" in name:
         return None
     m = name.split("M=")[1].split()[0]

@@ -114,3 +114,40 @@ def test_inner_flow_walks_the_grid_top_down_and_is_exact():
     feats = SimpleNamespace(x_t=interpolate(x, x1, t), t=t)
     out_x = inner_flow(LinearPathStudent(x, "x"), feats, y1, student_grid(3, 10.0))
     assert torch.allclose(out_x, x)
+
+
+class ScaledStudent:
+    """head(y) = w·y with a learnable scalar w: the rollout's gradient in w depends on how many steps carry it."""
+
+    def __init__(self, w):
+        self.config = StudentConfig()
+        self.w = w
+
+    def flow_head(self, y_s, s, r, features):
+        return self.w * y_s
+
+
+def test_rollout_grad_last_differentiates_only_the_last_inner_step():
+    """grad_steps="last" equals a hand-made rollout whose first N − 1 steps use a detached w (no graph), and differs
+    from the full rollout's gradient (Sec. 3.2: through all N steps)."""
+    from tmd_megatron.algorithms.transition import flow_map_step
+
+    _, y1 = _pair(9)
+    grid = student_grid(3, 10.0)
+    feats = SimpleNamespace(x_t=None, t=None)
+    grads = {}
+    for mode in ("all", "last"):
+        w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        inner_flow(ScaledStudent(w), feats, y1, grid, grad_steps=mode).square().sum().backward()
+        grads[mode] = w.grad
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    y, b = y1, y1.shape[0]
+    for k, j in enumerate(range(3, 0, -1)):
+        s, r = grid[j].expand(b), grid[j - 1].expand(b)
+        wk = w if k == 2 else w.detach()
+        y = flow_map_step(y, s, r, average_velocity(wk * y, y_s=y, y1=y1, s=s, x_t=None, t=None, target="dtm"))
+    y.square().sum().backward()
+    assert torch.allclose(grads["last"], w.grad)
+    assert not torch.allclose(grads["last"], grads["all"], rtol=1e-3)
+    with pytest.raises(ValueError, match="grad_steps"):
+        inner_flow(ScaledStudent(w), feats, y1, grid, grad_steps="none")

@@ -75,11 +75,14 @@ def batch_index(step):
 
 
 @pytest.mark.parametrize("method,preset", [("tmd", "tiny"), ("dmd2v", "tiny"), ("tmd", "tiny-i2v"),
-                                           ("tmd", "tiny-ti2v"), ("dmd2v", "tiny-a14b"), ("tmd+multiscale", "tiny")])
+                                           ("tmd", "tiny-ti2v"), ("dmd2v", "tiny-a14b"), ("tmd+multiscale", "tiny"),
+                                           ("tmd+rollout_last", "tiny")])
 def test_stage2_program_equals_the_reference_steps(method, preset):
     extra = ["method=dmd2v", "model.init=null"] if method == "dmd2v" else []
     if method.endswith("+multiscale"):  # FastGen's head structure instead of our Conv3D head
         extra = ["method.dmd2v.disc_arch=multiscale"]
+    if method.endswith("+rollout_last"):  # the rollout differentiated through its last inner step only
+        extra = ["method.dmd2v.rollout_grad=last"]
     res, roles, step, batch = _setup(extra, preset)
     cfg = res.dmd2v
     student, fake, disc = (copy.deepcopy(m) for m in (roles.student, roles.fake, roles.disc))

@@ -156,6 +156,9 @@ class DMD2vConfig:
     vsd_norm: str = "dmd"
     fake_target: str = "x0"  # DSM on g_fake = x_t − t·v (A.3 "analogous to Eq. 17"); "flow": on v
     rollout_form: str = "outer"  # transition.rollout_output
+    # TMD: differentiate through "all" N inner steps of the flow-head rollout (Sec. 3.2), or the "last" one only
+    # (the earlier steps detached: the no-rollout ablation of Fig. 7)
+    rollout_grad: str = "all"
     kd_warmup: bool | None = None  # None: only for one-step plain DMD2-v (Sec. 3.2)
 
     def __post_init__(self):
@@ -165,6 +168,8 @@ class DMD2vConfig:
             _check_unit(name, getattr(self, name))
         if self.vsd_norm not in ("teacher_fake", "dmd"):
             raise ValueError(f"vsd_norm={self.vsd_norm!r}; choose 'teacher_fake' or 'dmd'")
+        if self.rollout_grad not in ("all", "last"):
+            raise ValueError(f"rollout_grad={self.rollout_grad!r}; choose 'all' or 'last'")
         if self.fake_target not in ("x0", "flow"):
             raise ValueError(f"fake_target={self.fake_target!r}; choose 'x0' or 'flow'")
         if self.disc_arch not in ("conv3d", "multiscale"):

@@ -100,7 +100,8 @@ def generate(student, inp: StudentInput, context: torch.Tensor, cfg: DMD2vConfig
     if hasattr(student, "flow_head"):
         features = student.backbone(inp.x_t, inp.t, context, cond)
         inner = student_grid(cfg.inner_steps, cfg.inner_shift, cfg.t_max)
-        y_hat = inner_flow(student, features, inner_noise(randn_like(inp.x_t, gen), cond, student.config.target), inner)
+        y_hat = inner_flow(student, features, inner_noise(randn_like(inp.x_t, gen), cond, student.config.target), inner,
+                           grad_steps=cfg.rollout_grad)
         return rollout_output(inp.x_t, inp.t, y_hat, student.config.target, cfg.rollout_form, inp.x1)
     v, _ = wan_velocity(student, inp.x_t, inp.t, context, cond=cond)
     return x0_from_velocity(inp.x_t, inp.t, v)

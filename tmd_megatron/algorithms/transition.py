@@ -125,10 +125,13 @@ def inner_noise(y1: torch.Tensor, cond, target: str = "dtm") -> torch.Tensor:
     return cond.pin(y1, torch.zeros_like(y1) if target == "dtm" else cond.latent)
 
 
-def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor, head=None) -> torch.Tensor:
+def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor, head=None,
+               grad_steps: str = "all") -> torch.Tensor:
     """INNERFLOW(m) of Algorithm 1: y = y_1, then y ← f_θ(y, s_j, s_{j−1}; m) for j = N..1; returns ŷ.
 
     Differentiable (stage 2 back-propagates through all N steps, Sec. 3.2); call under no_grad to sample.
+    grad_steps="last": the first N − 1 steps run without gradient and only the last step is differentiated (DMD2's
+    "backward simulation" with the trajectory detached; the ablation of Sec. 4's "flow head rollout", Fig. 7).
     head(y, k, s, r) -> head output of inner step k = 0..N−1 (default: student.flow_head(y, s, r, features));
     the pipelined trainer passes one that uses conditioning computed on the first stage.
     """
@@ -137,10 +140,15 @@ def inner_flow(student, features, y1: torch.Tensor, inner_grid: torch.Tensor, he
     if head is None:
         def head(y_in, k, s_in, r_in):
             return student.flow_head(y_in, s_in, r_in, features)
+    if grad_steps not in ("all", "last"):
+        raise ValueError(f"grad_steps={grad_steps!r}; choose 'all' or 'last'")
     y = y1
-    for k, j in enumerate(range(len(inner_grid) - 1, 0, -1)):
+    steps = list(enumerate(range(len(inner_grid) - 1, 0, -1)))
+    for k, j in steps:
         s = inner_grid[j].expand(batch).to(y1.device)
         r = inner_grid[j - 1].expand(batch).to(y1.device)
-        u = average_velocity(head(y, k, s, r), y_s=y, y1=y1, s=s, x_t=features.x_t, t=features.t, target=target)
-        y = flow_map_step(y, s, r, u, sign)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_steps == "all" or k == len(steps) - 1)):
+            u = average_velocity(head(y, k, s, r), y_s=y, y1=y1, s=s, x_t=features.x_t, t=features.t,
+                                 target=target)
+            y = flow_map_step(y, s, r, u, sign)
     return y

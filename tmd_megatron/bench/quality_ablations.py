@@ -28,6 +28,8 @@ VARIANTS = {
                   stage1=("method.tm_mf.r_equals_s=1.0",)),
     "head-time-inner": Variant("flow head modulated by the inner time s alone, the paper's literal reading",
                                **_BOTH("method.student.head_time=inner")),
+    "no-rollout-grad": Variant("flow-head rollout differentiated through its last inner step only (Fig. 7)",
+                               stage2=("method.dmd2v.rollout_grad=last",)),
     "vsd-printed": Variant("VSD normalised by ||g_fake - g_teacher||_1 as App. A.3 prints it",
                            stage2=("method.dmd2v.vsd_norm=teacher_fake",)),
     "gan-off": Variant("no GAN term (lambda = 0)", stage2=("method.dmd2v.gan_weight=0",)),
@@ -48,6 +50,7 @@ TMD = ("tmd", 2, 2)
 ABLATIONS = {  # name -> arms; the first is the baseline
     "stage1": [TMD, TMD + ("no-stage1",)],
     "tm-vs-tm-mf": [TMD, TMD + ("tm",)],
+    "rollout-grad": [TMD, TMD + ("no-rollout-grad",)],
     "head-time": [TMD, TMD + ("head-time-inner",)],
     "vsd-norm": [TMD, TMD + ("vsd-printed",)],
     "gan": [TMD, TMD + ("gan-off",)],
@@ -58,8 +61,6 @@ ABLATIONS = {  # name -> arms; the first is the baseline
     "target": [TMD, TMD + ("x-target",)],
     "jvp": [TMD, TMD + ("exact-jvp",)],
 }
-# In the issue, not yet here: the flow-head rollout without gradients through the inner steps (the trainer has
-# no switch for it).
 
 
 def variant_of(method: tuple) -> Variant | None:

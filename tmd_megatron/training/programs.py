@@ -227,7 +227,7 @@ def _student_pass(s: Step, d: list[dict], forward_only: bool, output_grads=None)
 
     def rollout(mb, f, e, e0):
         q = d[mb]
-        y_hat = inner_flow(student, f, q["y1"].to(dev), inner,
+        y_hat = inner_flow(student, f, q["y1"].to(dev), inner, grad_steps=cfg.rollout_grad,
                            head=lambda y, k, s_, r_: student.flow_head_given(y, e[:, k], e0[:, k], f))
         x_hat = rollout_output(f.x_t, f.t, y_hat, student.config.target, cfg.rollout_form, q["x1"].to(dev))
         samples[mb] = x_hat.detach()

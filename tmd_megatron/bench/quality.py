@@ -1,18 +1,21 @@
 """`make bench-quality`: the paper's Table 1/2 comparison at a scale this CPU trains in under an hour.
 
-    python -m tmd_megatron.bench.quality                   # the full benchmark (3 seeds), writes the doc table
+    python -m tmd_megatron.bench.quality                   # the full benchmark (4 seeds), writes the doc table
+    python -m tmd_megatron.bench.quality --ablation gan    # one ablation (bench/quality_ablations.py)
     python -m tmd_megatron.bench.quality --smoke           # minutes-long sizes cut to seconds (test suite)
 
 On the synthetic text-to-video task (tmd_megatron.data.synthetic) it trains a Wan teacher by flow matching, then
 distils it with the real trainer (`Trainer(resolve(compose(...)))`, the same code `tmd-train` runs):
 - DMD2-v M=1 with KD warm-up: KD on teacher ODE pairs (S1 iterations), then DMD2-v (S2);
-- DMD2-v M=2: DMD2-v for S1 + S2 iterations;
+- DMD2-v M=1 without KD, and M=2: DMD2-v (S2) from the teacher;
 - TMD (M, N) for M in {1, 2}, N in {2, 4}, H = `head_blocks`: TM-MF (S1), then TMD stage 2 (S2).
-Equal training budget = equal optimizer iterations in total (S1 + S2), each method with the same batch and
-learning rates; the wall time each method took is reported beside its scores. Each generator, and the teacher
-at 50×2 NFE (Euler, CFG), is scored on the same prompts and noise (bench/scores.py: VBench-like quality,
-semantic and overall). Seeds: every distillation run and its evaluation noise; the teacher is trained once (the
-fixed model being distilled, as Wan is in the paper) and scored with each seed's noise.
+The paper's budget rule: every arm gets S2 stage-2 iterations, the TM-MF stage and the KD warm-up come on top and
+are reported (iterations, and the teacher evaluations the KD pairs cost); the same batch and learning rates for
+every arm; the wall time each took beside its scores. Each generator, and the teacher at 50×2 NFE (Euler, CFG),
+is scored on the same prompts and noise (bench/scores.py: VBench-like quality, semantic and overall). Seeds pair
+the arms: every distillation run and its evaluation noise; the teacher is trained once (the fixed model being
+distilled, as Wan is in the paper) and scored with each seed's noise. Paired differences with 95 % intervals:
+quality_report.paired_table. Finished steps are cached under <out>/cache (bench/jobs.py).
 
 Runs go through a pool of worker processes (one torch thread each), ordered by their dependencies.
 """

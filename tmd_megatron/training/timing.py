@@ -5,7 +5,9 @@ Per pass and pipeline stage, one microbatch's forward (and backward) costs
   GEMM FLOPs / GEMM rate + calls x per-call time      (training/flops.py; rate and call time from the profile)
   + attention FLOPs / attention rate (+ per call)
   + elementwise bytes / memory bandwidth + ops x per-op overhead   (each block's norms, RoPE, activations, adds:
-    counted on the meta device, models.flops.elementwise_traffic; the GEMMs outside blocks carry no such term)
+    counted on the meta device, models.flops.elementwise_traffic; the GEMMs outside blocks carry no such term;
+    model.compile=true counts them fused, one kernel per run of elementwise ops, which over-predicts the measured
+    speedup on a CPU: graph breaks and recompiled regions are not counted, docs/benchmarks.md)
   + communication that is not overlapped: TP/SP collectives, Ulysses all-to-alls and the model-output merges in
     full; ring attention's K/V rotation overlapped with the chunk computation (only what exceeds it shows), its
     dK/dV hops in full (parallel/comm_model.py gives the bytes; a group is intra-node when its ranks share a node).

@@ -123,24 +123,38 @@ def test_quality_script_smoke(tmp_path, capsys):
     assert (tmp_path / "results.json").exists()
     first = json.loads((tmp_path / "results.json").read_text())["runs"]
 
-    # a rerun takes every finished step from the cache; a stage-2 setting reruns stage 2 only
+    # a rerun takes every finished step from the cache
     quality.main(["--smoke", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "done " not in out and "cached teacher" in out and "cached TMD M=2 N=2 s1" in out
+    assert "done " not in out and "cached teacher" in out and "cached TMD M=2 N=2 s1" in out.splitlines()
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == first
-    quality.main(["--smoke", "--out", str(tmp_path), "--set", "stage2_steps=3"])
-    out = capsys.readouterr().out
-    assert "cached TMD M=2 N=2 s0 stage1" in out and "done TMD M=2 N=2 s0 (" in out and "| 2 + 3 |" in out
 
     # ablations on the same --out: the baseline arm is the main table's (cached); only the variants run
     quality.main(["--smoke", "--out", str(tmp_path), "--ablation", "vsd-norm"])
     out = capsys.readouterr().out
-    assert "cached TMD M=2 N=2 s0" in out and "done TMD M=2 N=2 [vsd-printed] s0 stage1" in out
+    assert "cached TMD M=2 N=2 s0" in out.splitlines() and "done TMD M=2 N=2 [vsd-printed] s0 stage1" in out
     assert "| TMD M=2 N=2 [vsd-printed] − TMD M=2 N=2 | 2 |" in out
     quality.main(["--smoke", "--out", str(tmp_path), "--ablation", "stage1"])
     out = capsys.readouterr().out
     assert "[no-stage1] s0 stage1" not in out and "done TMD M=2 N=2 [no-stage1] s0 (" in out
     assert "| 0 + 2 |" in next(line for line in out.splitlines() if line.startswith("| TMD M=2 N=2 [no-stage1] |"))
+
+    # stage 2 in two resumed segments, each scored: the end equals the one-run stage 2 (resumption is exact);
+    # a stage-2 setting reruns stage 2 only
+    quality.main(["--smoke", "--out", str(tmp_path), "--set", "curve_points=2"])
+    out = capsys.readouterr().out
+    assert "cached TMD M=2 N=2 s0 stage1" in out.splitlines() and "done TMD M=2 N=2 s0 @1 (" in out
+    assert "| TMD M=2 N=2 | " in out.split("Score vs stage-2 iteration")[1]
+    again = json.loads((tmp_path / "results.json").read_text())["runs"]
+    for name, r in first.items():
+        if not name.startswith("Teacher"):
+            assert [r[k] for k in ("overall", "quality", "semantic")] == \
+                [again[name][k] for k in ("overall", "quality", "semantic")], name
+            assert [p["steps"] for p in again[name]["curve"]] == [1, 2]
+    quality.main(["--smoke", "--out", str(tmp_path), "--set", "stage2_steps=3"])
+    out = capsys.readouterr().out
+    assert "cached TMD M=2 N=2 s0 stage1" in out.splitlines() and "done TMD M=2 N=2 s0 (" in out
+    assert "| 2 + 3 |" in out
 
     from tmd_megatron.bench import quality_stage1
 

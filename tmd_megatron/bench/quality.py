@@ -30,14 +30,12 @@ from pathlib import Path
 
 import torch
 
-from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
-
 from .doc import DOC, command_line, publish
 from .jobs import Cache, Job, schedule
 from .jobs import digest as jobs_digest
 from .quality_ablations import ABLATIONS, variant_of
+from .quality_eval import evaluate, evaluate_teacher, prepare, synthetic_task
 from .quality_report import render
-from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
 
 
@@ -60,6 +58,7 @@ class QualityConfig:
     kd_pairs: int = 1024
     stage1_steps: int = 200  # S1: KD, TM-MF, or extra DMD2-v iterations
     stage2_steps: int = 400  # S2: DMD2-v / TMD stage 2
+    curve_points: int = 4  # stage 2 scored after each 1/curve_points of S2 (score vs iteration; resumed runs)
     batch: int = 16
     lr: float = 1e-4  # every student update (KD, TM-MF, DMD2-v/TMD generator)
     lr_critic: float = 1e-4  # fake score and discriminator
@@ -78,7 +77,7 @@ class QualityConfig:
 
 SMOKE = QualityConfig(model={"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "text_len": 16},
                       train_clips=64, teacher_steps=4, teacher_batch=4, teacher_sampling_steps=2, kd_pairs=8,
-                      stage1_steps=2, stage2_steps=2, batch=4, head_blocks=1, disc_layers=(0, 1), disc_width=8,
+                      stage1_steps=2, stage2_steps=2, curve_points=1, batch=4, head_blocks=1, disc_layers=(0, 1), disc_width=8,
                       seeds=(0, 1), eval_prompts=16, classifier_steps=4,
                       methods=(("dmd2v", 1, 1), ("dmd2v", 2, 0), ("tmd", 2, 2)))
 
@@ -141,7 +140,7 @@ def make_kd_pairs(cfg: QualityConfig, out: Path, teacher_dir: str, rank: int, wo
     from tmd_megatron.models.wan import WanModel
 
     t0 = time.time()
-    task = _task(cfg)
+    task = synthetic_task(cfg)
     teacher = WanModel.from_pretrained(teacher_dir).eval()
     prompts = [task.sample(i, 0).prompt for i in range(cfg.kd_pairs)]
     generate_teacher_data(teacher, prompts, task.encode_prompts, task.encode_text(""), out / "kd",
@@ -152,50 +151,6 @@ def make_kd_pairs(cfg: QualityConfig, out: Path, teacher_dir: str, rank: int, wo
     return {"wall": time.time() - t0}
 
 
-def _task(cfg: QualityConfig) -> SyntheticTask:
-    return SyntheticTask(frames=cfg.frames, size=cfg.size, text_dim=32)
-
-
-def eval_prompts(cfg: QualityConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts [n, words+1, 32] and label ids [n, 4] of the evaluation prompts (unseen sample seed)."""
-    task = _task(cfg)
-    samples = [task.sample(i, 777) for i in range(cfg.eval_prompts)]
-    ids = torch.tensor([[ATTRIBUTES[k].index(s.labels[k]) for k in ATTRIBUTES] for s in samples])
-    return torch.stack([task.encode_text(s.prompt) for s in samples]), ids
-
-
-def generate(cfg: QualityConfig, kind: str, path: str, seed: int, method: tuple | None = None) -> tuple[torch.Tensor, float]:
-    """Latents for the evaluation prompts from one generator (training/sampling.sample, the `tmd-sample` code:
-    the same noise for every generator at a seed), and its measured effective NFE."""
-    from tmd_megatron.models.wan import WanModel
-    from tmd_megatron.training.export import load_student
-    from tmd_megatron.training.sampling import SamplerConfig, sample
-
-    task = _task(cfg)
-    ctx, _ = eval_prompts(cfg)
-    if kind == "teacher":
-        model = WanModel.from_pretrained(path)
-        sampler = SamplerConfig(teacher_steps=cfg.teacher_sampling_steps, teacher_shift=cfg.sampling_shift,
-                                cfg_scale=cfg.guidance)
-    else:  # the grids the students were distilled for (the recipes keep the paper's shifts and t_max)
-        model = WanModel.from_pretrained(path) if kind == "dmd2v" else load_student(path)
-        sampler = SamplerConfig(outer_steps=method[1], inner_steps=method[2] if kind == "tmd" else 1)
-    return sample(kind, model.eval(), ctx, task.encode_text(""), task.latent_shape, sampler, seed=10_000 + seed)
-
-
-def evaluate(cfg: QualityConfig, out: Path, kind: str, path: str, seed: int, method: tuple | None = None) -> dict:
-    """Scores of one generator on the evaluation prompts with this seed's noise."""
-    ref = torch.load(out / "classifier.pt", weights_only=True)
-    clf = AttributeClassifier(cfg.frames)
-    clf.load_state_dict(ref["state"])
-    real = RealReference(ref["feats"], ref["scale"])
-    latents, nfe = generate(cfg, kind, path, seed, method)
-    _, ids = eval_prompts(cfg)
-    s = score_clips(clf.eval(), real, _task(cfg).decode_latent(latents), ids)
-    return {"nfe": nfe, "overall": s.overall, "quality": s.quality, "semantic": s.semantic, "fd": s.fd,
-            **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
-
-
 def run_name(method: tuple, seed: int, stage: int) -> str:
     """The run directory of one stage of one method and seed (under <out>/runs)."""
     tag = "" if method[0] != "dmd2v" or method[1] != 1 else ("_KD" if has_kd(method) else "_noKD")
@@ -203,9 +158,17 @@ def run_name(method: tuple, seed: int, stage: int) -> str:
     return f"{method_name(method[:3]).split(' (')[0].replace(' ', '_').replace('=', '')}{tag}_s{seed}_stage{stage}"
 
 
-def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int) -> dict:
+def segment_steps(cfg: QualityConfig, k: int) -> int:
+    """Stage-2 iterations done after segment k = 1..curve_points."""
+    return round(k * cfg.stage2_steps / cfg.curve_points)
+
+
+def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str | None, teacher: str, stage: int,
+            segment: int = 1) -> dict:
     """Stage `stage` (1 or 2) of one method and seed; stage 2 is scored. The paper's budget rule: every arm's
-    stage 2 runs `stage2_steps` iterations; the TM-MF stage and the KD warm-up (`stage1_steps`) come on top."""
+    stage 2 runs `stage2_steps` iterations; the TM-MF stage and the KD warm-up (`stage1_steps`) come on top.
+    Stage 2 runs in `curve_points` segments, each resuming the last (run.resume=auto; resumption is bit-identical,
+    tests/training/test_resume.py, and the learning rate is constant) and scored at its end."""
     name = run_name(method, seed, stage)
     variant = variant_of(method)
     if has_kd(method) and stage == 1:  # KD warm-up on the teacher's ODE pairs
@@ -229,6 +192,9 @@ def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str |
             over += ["method=tmd", f"model.init={init or 'teacher'}", *_stage2(cfg)]
     if variant is not None:
         over += list(variant.stage1 if stage == 1 else variant.stage2)
+    if stage == 2:
+        over = [o for o in over if not o.startswith(("run.max_steps", "run.resume"))]
+        over += [f"run.max_steps={segment_steps(cfg, segment)}", f"run.resume={'never' if segment == 1 else 'auto'}"]
     run = train_run(over)
     if stage == 1:
         return run
@@ -240,31 +206,16 @@ def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str |
 DATA_FIELDS = ("model", "frames", "size", "train_clips", "classifier_steps", "eval_prompts")
 TEACHER_FIELDS = DATA_FIELDS + ("teacher_steps", "teacher_lr", "teacher_batch")
 KD_FIELDS = TEACHER_FIELDS + ("kd_pairs", "teacher_sampling_steps", "guidance", "sampling_shift", "workers")
+SCORES = ("overall", "quality", "semantic")
 NOT_ARM_FIELDS = ("seeds", "methods", "workers")  # which arms run, not how one runs
-STAGE2_FIELDS = ("stage2_steps", "lr_critic", "student_every", "disc_layers", "disc_width")  # not read by stage 1
+STAGE2_FIELDS = ("stage2_steps", "lr_critic", "student_every", "disc_layers", "disc_width",
+                 "curve_points")  # not read by stage 1
 
 
 def cache_key(cfg: QualityConfig, fields=None) -> dict:
     """The configuration a cached result depends on: `fields`, or every field that shapes one arm's run."""
     d = asdict(cfg)
     return {k: d[k] for k in (fields or [k for k in d if k not in NOT_ARM_FIELDS])}
-
-
-def prepare(cfg: QualityConfig, out: Path, log) -> dict:
-    """Training shards, the negative-prompt embedding, the classifier and the real-clip reference."""
-    task = _task(cfg)
-    task.write_shards(out / "data", cfg.train_clips, seed=0, samples_per_shard=max(1, cfg.train_clips // 4))
-    torch.save(task.encode_text(""), out / "negative.pt")
-    t0 = time.time()
-    clf = train_classifier(task, num_clips=max(64, cfg.train_clips), steps=cfg.classifier_steps)
-    real = RealReference.build(clf, task, max(64, 4 * cfg.eval_prompts), seed=123)
-    torch.save({"state": clf.state_dict(), "feats": real.feats, "scale": real.scale}, out / "classifier.pt")
-    # The instrument's ceiling: real clips of the evaluation prompts' seed scored like generated ones.
-    clips, ids = task.clips(cfg.eval_prompts, seed=777)
-    s = score_clips(clf, real, clips, ids)
-    log(f"classifier trained in {time.time() - t0:.0f} s; real clips: {s.per_attribute}")
-    return {"overall": s.overall, "quality": s.quality, "semantic": s.semantic, "fd": s.fd,
-            **{f"sem_{k}": v for k, v in s.per_attribute.items()}}
 
 
 def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None, fresh: bool = False) -> dict:
@@ -310,15 +261,20 @@ def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None
             name = f"{method_name(method)} s{seed}"
             key = ["arm", arm_key, teacher_id, list(method), seed]
             variant = variant_of(method)
+            first = ()  # the stage-1 job stage 2 starts from
             if (method[0] == "tmd" or has_kd(method)) and not (variant and variant.skip_stage1):  # TM-MF or KD first
                 deps = kd_deps if method[0] == "dmd2v" else ()
                 stage1_key = {k: v for k, v in arm_key.items() if k not in STAGE2_FIELDS}
                 jobs.append(Job(name + " stage1", distill, (cfg, out, method, seed, None, teacher, 1), deps,
                                 key=["arm", stage1_key, teacher_id, list(method), seed, 1]))
-                jobs.append(Job(name, distill, (cfg, out, method, seed), (name + " stage1",),
-                                lambda r, k=name: (r[k + " stage1"]["export"], teacher, 2), key=key + [2]))
-            else:
-                jobs.append(Job(name, distill, (cfg, out, method, seed, None, teacher, 2), key=key + [2]))
+                first = (name + " stage1",)
+            prev = first
+            for k in range(1, cfg.curve_points + 1):  # stage 2 in segments; the last is the arm's result
+                job = name if k == cfg.curve_points else f"{name} @{segment_steps(cfg, k)}"
+                jobs.append(Job(job, distill, (cfg, out, method, seed), prev,
+                                lambda r, f=first, k=k: (r[f[0]]["export"] if f else None, teacher, 2, k),
+                                key=key + [2, k]))
+                prev = (job,)
     results = schedule(jobs, cfg.workers, log, cache)
     summary = {"config": asdict(cfg), "real": real, "teacher_train": teacher_run, "runs": {},
                "minutes": (time.time() - t_start) / 60}
@@ -327,20 +283,19 @@ def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None
             results[f"eval teacher s{seed}"]
         for method in cfg.methods:
             name = f"{method_name(method)} s{seed}"
-            r = {**results[name], "stage2_steps": results[name]["steps"], "stage1_steps": 0,
-                 "teacher_evals": teacher_evaluations(cfg, method)}
+            segments = [results[name if k == cfg.curve_points else f"{name} @{segment_steps(cfg, k)}"]
+                        for k in range(1, cfg.curve_points + 1)]
+            r = {**results[name], "stage2_steps": cfg.stage2_steps, "stage1_steps": 0,
+                 "teacher_evals": teacher_evaluations(cfg, method), "wall": sum(g["wall"] for g in segments),
+                 "curve": [{"steps": segment_steps(cfg, k + 1), **{m: g[m] for m in SCORES}}
+                           for k, g in enumerate(segments)]}
             if name + " stage1" in results:
                 r["wall"] += results[name + " stage1"]["wall"]
                 r["stage1_steps"] = results[name + " stage1"]["steps"]
-                r["steps"] += results[name + " stage1"]["steps"]
+            r["steps"] = r["stage1_steps"] + r["stage2_steps"]
             summary["runs"][name] = r
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def evaluate_teacher(cfg: QualityConfig, out: Path, seed: int, teacher_dir: str) -> dict:
-    t0 = time.time()
-    return {**evaluate(cfg, out, "teacher", teacher_dir, seed), "wall": time.time() - t0}
 
 
 def main(argv=None) -> None:

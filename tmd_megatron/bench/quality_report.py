@@ -85,6 +85,20 @@ def paired_table(summary: dict, scores=("overall", "quality", "semantic")) -> st
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def curve_table(summary: dict, score: str = "overall") -> str:
+    """Score vs stage-2 iteration (mean ± std over seeds), from the scored segments of each arm's stage 2."""
+    groups = {n: list(rs.values()) for n, rs in _groups(summary).items() if len(next(iter(rs.values())).get(
+        "curve", [])) > 1}
+    if not groups:
+        return ""
+    steps = [p["steps"] for p in next(iter(groups.values()))[0]["curve"]]
+    lines = ["| method | " + " | ".join(f"{score} at {s} it." for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, rs in groups.items():
+        cells = [_mean_std([r["curve"][i][score] for r in rs]) for i in range(len(steps))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(summary: dict, command: str) -> str:
     cfg = summary["config"]
     t = summary["teacher_train"]
@@ -97,6 +111,9 @@ def render(summary: dict, command: str) -> str:
             f"({cfg['stage1_steps']} iterations) come on top, and the KD pairs' teacher evaluations are counted.")
     paired = paired_table(summary)
     text = head + "\n\n" + table(summary)
+    curve = curve_table(summary)
+    if curve:
+        text += "\n\nScore vs stage-2 iteration (each arm's stage 2 scored after every segment):\n\n" + curve
     if paired:
         text += ("\n\nPaired by seed (the same seed gives both arms the same data order, draws and evaluation "
                  "noise): each arm minus its baseline, mean over seeds with the Student-t 95 % interval.\n\n" + paired)

@@ -29,7 +29,9 @@ smoke: install
 bench: install
 	$(PY) -m tmd_megatron.bench.perf
 
-# The quality table (teacher, DMD2-v, TMD on the synthetic task, 3 seeds): under an hour on 2 CPU cores.
+# The quality table (teacher, DMD2-v, TMD on the synthetic task, 4 paired seeds, 7 arms; finished arms cached in
+# runs/bench_quality/cache): 26-28 min measured with the earlier 3 seeds x 6 arms, not yet timed at 4 x 7.
+# One ablation: $(PY) -m tmd_megatron.bench.quality --ablation NAME (docs/benchmarks.md, "Ablations").
 bench-quality: install
 	$(PY) -m tmd_megatron.bench.quality
 

@@ -167,3 +167,17 @@ def test_collectives_take_no_core_but_wait_for_shared_peers():
     assert wall == pytest.approx(7.0) and busy == pytest.approx([2.0, 2.0])
     wall, busy = simulate_pipeline([1.0], [0.0], 1, "forward", f_comm=[1.0])
     assert wall == pytest.approx(2.0) and busy == pytest.approx([1.0])
+
+
+def test_link_fit_recovers_latency_and_bandwidth_and_skips_lost_transfers():
+    """Samples made from a known link (1 ms per call, 2 GB/s) give it back; a 0 s sample (a transfer lost in the
+    timing noise, which made the relative weights infinite) is left out instead of breaking the fit."""
+    from tmd_megatron.bench.calibrate import fit_link
+
+    alpha, bw = 1e-3, 2e9
+    samples = [(c, b, alpha * c + b / bw) for c, b in ((1, 1e5), (2, 1e6), (1, 1e7), (4, 4e7))]
+    for got in (samples, samples + [(1, 1e3, 0.0)]):
+        a, w = fit_link(got)
+        assert a == pytest.approx(alpha, rel=1e-6) and w == pytest.approx(bw, rel=1e-6)
+    with pytest.raises(RuntimeError, match="quieter machine"):
+        fit_link([(1, 1e5, 0.0), (2, 1e6, 0.0), (1, 1e7, 1e-3)])

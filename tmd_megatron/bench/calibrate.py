@@ -142,16 +142,29 @@ def elementwise(gemm_rate, gemm_t0, attn_f, attn_b, op) -> float:
 
 def gloo_link() -> tuple[float, float]:
     """(latency s, bandwidth B/s) of gloo between two ranks of this machine."""
-    import numpy as np
-
     from .launch import run_cases
 
-    got = run_cases([("gloo_bandwidth", {})], 2, timeout=600)[0][0]["samples"]
-    # each sample: (hops-weighted calls, bytes on the ring-normalised wire, seconds); fit seconds = a*calls + bytes/bw
-    a = np.array([[c, b] for c, b, _ in got])
-    y = np.array([s for *_, s in got])
+    return fit_link(run_cases([("gloo_bandwidth", {})], 2, timeout=600)[0][0]["samples"])
+
+
+def fit_link(samples) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) fitted to samples (hops-weighted calls, bytes on the ring-normalised wire,
+    seconds): seconds = latency·calls + bytes/bandwidth, in relative error. A sample of 0 s (the transfer lost in
+    the timing noise: the case's time with it was no longer than without it) says nothing about either and is
+    left out; it made the relative weights infinite and the fit fail when the machine was busy."""
+    import numpy as np
+
+    kept = [(c, b, s) for c, b, s in samples if s > 0]
+    if len(kept) < 2:
+        raise RuntimeError(f"gloo calibration: {len(samples) - len(kept)} of {len(samples)} transfers were lost in "
+                           "the timing noise; rerun on a quieter machine")
+    a = np.array([[c, b] for c, b, _ in kept])
+    y = np.array([s for *_, s in kept])
     w = 1.0 / y
     (alpha, inv_bw), *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
+    if inv_bw <= 0:
+        raise RuntimeError("gloo calibration: the fitted bandwidth is not positive (the transfers' times do not grow "
+                           "with their bytes); rerun on a quieter machine")
     return max(0.0, float(alpha)), 1.0 / float(inv_bw)
 
 

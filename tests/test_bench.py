@@ -163,6 +163,21 @@ def test_quality_script_smoke(tmp_path, capsys):
     for name in ("KD (stage 1 of DMD2-v M=1)", "TM-MF (stage 1 of TMD M=2 N=2)"):
         assert f"| {name} |" in out
 
+    # the figures: three PNGs, the sample grid one row per generator (real, teacher, 3 arms) of 4 prompts
+    from PIL import Image
+
+    from tmd_megatron.bench import quality_figures
+
+    quality_figures.main(["--smoke", "--out", str(tmp_path), "--dir", str(tmp_path / "figs")])
+    out = capsys.readouterr().out
+    for name in quality_figures.NAMES.values():
+        assert f"wrote {tmp_path / 'figs' / name}" in out
+        with Image.open(tmp_path / "figs" / name) as im:
+            assert im.format == "PNG" and len(set(im.convert("L").getdata())) > 8  # drawn, not blank
+    rows = quality_figures.sample_rows(quality.SMOKE, json.loads((tmp_path / "results.json").read_text()), 4)
+    assert list(rows)[:2] == ["real", "teacher (2x2)"] and len(rows) == 2 + len(quality.SMOKE.methods)
+    assert all(r.shape == (4, 3, 3, 16, 16) for r in rows.values())
+
     # a variation on the same teacher: changed fields apply, the teacher is not retrained
     teacher = tmp_path / "runs" / "teacher" / "export"
     quality.main(["--smoke", "--out", str(tmp_path / "variant"), "--teacher", str(teacher),
@@ -197,6 +212,24 @@ def test_t_quantiles_match_the_printed_table():
 
     for df, printed in ((1, 12.706), (3, 3.182), (10, 2.228), (30, 2.042)):
         assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
+
+
+def test_figure_series_are_means_with_t_intervals():
+    """The plotted points: mean over seeds and the 95 % half width t(0.975, n-1)·s/√n (4.303 for 3 seeds, the
+    printed table value); curves per stage-2 segment; the teacher has no curve."""
+    from tmd_megatron.bench.quality_figures import curve_series, nfe_series
+
+    runs = {}
+    for s, v in enumerate((80.0, 82.0, 84.0)):
+        runs[f"Teacher (Euler 50x2, CFG 3) s{s}"] = {"overall": 90.0 + s, "nfe": 100}
+        runs[f"TMD M=1 N=2 s{s}"] = {"overall": v, "nfe": 1.25, "curve": [{"steps": 100, "overall": v - 10},
+                                                                           {"steps": 200, "overall": v}]}
+    nfe = nfe_series({"runs": runs})
+    assert nfe["TMD M=1 N=2"] == pytest.approx((1.25, 82.0, 4.303 * 2.0 / 3**0.5), abs=1e-3)
+    assert nfe["Teacher (Euler 50x2, CFG 3)"][:2] == (100, 91.0)
+    steps, mean, half = curve_series({"runs": runs})["TMD M=1 N=2"]
+    assert steps == [100, 200] and mean == pytest.approx([72.0, 82.0]) and half[0] == pytest.approx(half[1])
+    assert "Teacher (Euler 50x2, CFG 3)" not in curve_series({"runs": runs})
 
 
 def test_paired_table_takes_differences_per_seed():

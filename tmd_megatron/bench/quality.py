@@ -48,6 +48,7 @@ class QualityConfig:
                                                  "text_len": 16, "patch_size": [3, 2, 2]})
     frames: int = 3
     size: int = 16
+    scale: int = 1  # the synthetic task's geometry (data/synthetic.py)
     train_clips: int = 8192
     teacher_steps: int = 6000
     teacher_lr: float = 1e-3
@@ -203,7 +204,7 @@ def distill(cfg: QualityConfig, out: Path, method: tuple, seed: int, init: str |
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------------
-DATA_FIELDS = ("model", "frames", "size", "train_clips", "classifier_steps", "eval_prompts")
+DATA_FIELDS = ("model", "frames", "size", "scale", "train_clips", "classifier_steps", "eval_prompts")
 TEACHER_FIELDS = DATA_FIELDS + ("teacher_steps", "teacher_lr", "teacher_batch")
 KD_FIELDS = TEACHER_FIELDS + ("kd_pairs", "teacher_sampling_steps", "guidance", "sampling_shift", "workers")
 SCORES = ("overall", "quality", "semantic")

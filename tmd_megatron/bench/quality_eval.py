@@ -12,28 +12,31 @@ from tmd_megatron.data.synthetic import ATTRIBUTES, SyntheticTask
 
 from .scores import AttributeClassifier, RealReference, score_clips, train_classifier
 
+EVAL_SEED = 777  # the sample seed of the evaluation prompts (unseen in training: seed 0)
+
 
 def synthetic_task(cfg) -> SyntheticTask:
-    return SyntheticTask(frames=cfg.frames, size=cfg.size, text_dim=32)
+    return SyntheticTask(frames=cfg.frames, size=cfg.size, text_dim=32, scale=cfg.scale)
 
 
-def eval_prompts(cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts [n, words+1, 32] and label ids [n, 4] of the evaluation prompts (unseen sample seed)."""
+def eval_prompts(cfg, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts [n, words+1, 32] and label ids [n, 4] of the first `count` (all) evaluation prompts."""
     task = synthetic_task(cfg)
-    samples = [task.sample(i, 777) for i in range(cfg.eval_prompts)]
+    samples = [task.sample(i, EVAL_SEED) for i in range(cfg.eval_prompts if count is None else count)]
     ids = torch.tensor([[ATTRIBUTES[k].index(s.labels[k]) for k in ATTRIBUTES] for s in samples])
     return torch.stack([task.encode_text(s.prompt) for s in samples]), ids
 
 
-def generate(cfg, kind: str, path: str, seed: int, method: tuple | None = None) -> tuple[torch.Tensor, float]:
-    """Latents for the evaluation prompts from one generator (training/sampling.sample, the `tmd-sample` code:
-    the same noise for every generator at a seed), and its measured effective NFE."""
+def generate(cfg, kind: str, path: str, seed: int, method: tuple | None = None,
+             count: int | None = None) -> tuple[torch.Tensor, float]:
+    """Latents for the (first `count`) evaluation prompts from one generator (training/sampling.sample, the
+    `tmd-sample` code: the same noise for every generator at a seed), and its measured effective NFE."""
     from tmd_megatron.models.wan import WanModel
     from tmd_megatron.training.export import load_student
     from tmd_megatron.training.sampling import SamplerConfig, sample
 
     task = synthetic_task(cfg)
-    ctx, _ = eval_prompts(cfg)
+    ctx, _ = eval_prompts(cfg, count)
     if kind == "teacher":
         model = WanModel.from_pretrained(path)
         sampler = SamplerConfig(teacher_steps=cfg.teacher_sampling_steps, teacher_shift=cfg.sampling_shift,
@@ -67,7 +70,7 @@ def prepare(cfg, out: Path, log) -> dict:
     real = RealReference.build(clf, task, max(64, 4 * cfg.eval_prompts), seed=123)
     torch.save({"state": clf.state_dict(), "feats": real.feats, "scale": real.scale}, out / "classifier.pt")
     # The instrument's ceiling: real clips of the evaluation prompts' seed scored like generated ones.
-    clips, ids = task.clips(cfg.eval_prompts, seed=777)
+    clips, ids = task.clips(cfg.eval_prompts, seed=EVAL_SEED)
     s = score_clips(clf, real, clips, ids)
     log(f"classifier trained in {time.time() - t0:.0f} s; real clips: {s.per_attribute}")
     return {"overall": s.overall, "quality": s.quality, "semantic": s.semantic, "fd": s.fd,

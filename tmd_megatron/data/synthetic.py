@@ -6,7 +6,10 @@ space (3 colours x 4 = 12 channels at half resolution) and lifted to 16 channels
 projection, so `decode_latent` inverts `encode_clip` exactly and a tiny Wan sees latents of the usual layout
 ([16, 3, 8, 8] by default: 48 tokens). The text encoder is a fixed embedding table over the task's vocabulary with
 an EOS row, like a T5 output trimmed to its true length. Everything derives from (seed, sample index) and
-SYNTHETIC_VERSION: change the generator's output only together with a version bump.
+SYNTHETIC_VERSION: change the generator's output only together with a version bump. `scale` multiplies the
+geometry (radii and speed; size is given separately): scale 2 on 32x32 clips draws the same scenes at twice the
+resolution, so a shape spans several 4x4-pixel tokens and its outline is fine detail the model must draw; scale 1
+is the original task, unchanged.
 
 Image-conditioned mode (I2V/TI2V, `image_condition`): the first frame is given, the motion is to be generated.
 Like Wan's I2V input, the conditioning latent is the encoding of the first frame followed by zero (mid-grey)
@@ -72,12 +75,15 @@ class SyntheticTask:
     """Clips, prompts, latents and text embeddings of the synthetic task (see the module docstring)."""
 
     def __init__(self, frames: int = 3, size: int = 16, text_dim: int = 32, image_dim: int | None = None,
-                 image_len: int = 5):
-        if size % 2 or size < 12:
-            raise ValueError(f"size={size} must be even and at least 12 (a large shape spans 9 pixels)")
+                 image_len: int = 5, scale: int = 1):
+        if scale < 1:
+            raise ValueError(f"scale={scale} must be a positive integer")
+        if size % 2 or size < 12 * scale:
+            raise ValueError(f"size={size} must be even and at least {12 * scale} (a large shape spans "
+                             f"{9 * scale} pixels at scale {scale})")
         if frames < 2:
             raise ValueError(f"frames={frames}: motion needs at least 2 frames")
-        self.frames, self.size, self.text_dim = frames, size, text_dim
+        self.frames, self.size, self.text_dim, self.scale = frames, size, text_dim, scale
         g = torch.Generator().manual_seed(_PROJECTION_SEED)
         q, _ = torch.linalg.qr(torch.randn(16, 12, generator=g, dtype=torch.float64))
         self.projection = q.float()  # [16, 12], orthonormal columns
@@ -101,16 +107,17 @@ class SyntheticTask:
         ys = torch.arange(self.size, dtype=torch.float32).view(1, -1, 1)
         xs = torch.arange(self.size, dtype=torch.float32).view(1, 1, -1)
         sy, sx = STEP[labels["motion"]]
-        cy, cx = start[0] + SPEED * sy * f, start[1] + SPEED * sx * f
-        mask = shape_mask(labels["shape"], ys - cy, xs - cx, RADIUS[labels["size"]])  # [F, S, S]
+        speed = SPEED * self.scale
+        cy, cx = start[0] + speed * sy * f, start[1] + speed * sx * f
+        mask = shape_mask(labels["shape"], ys - cy, xs - cx, RADIUS[labels["size"]] * self.scale)  # [F, S, S]
         colour = torch.tensor(RGB[labels["colour"]]).view(3, 1, 1, 1)
         return torch.where(mask.unsqueeze(0), colour, torch.full_like(colour, -1.0))
 
     def sample(self, index: int, seed: int) -> SyntheticSample:
         rng = np.random.default_rng([seed, index])
         labels = self.draw_labels(rng)
-        r = RADIUS[labels["size"]]
-        travel = SPEED * (self.frames - 1)
+        r = RADIUS[labels["size"]] * self.scale
+        travel = SPEED * self.scale * (self.frames - 1)
         sy, sx = STEP[labels["motion"]]
         # Start so the whole shape stays inside the frame for the whole clip.
         lo = [r + (travel if s < 0 else 0) for s in (sy, sx)]
@@ -168,7 +175,7 @@ class SyntheticTask:
     # ---- shards --------------------------------------------------------------------------------------------------
     def meta(self, index: int, seed: int, labels: dict[str, str]) -> dict:
         return {"task": "synthetic", "version": SYNTHETIC_VERSION, "seed": seed, "index": index,
-                "frames": self.frames, "size": self.size, "labels": labels,
+                "frames": self.frames, "size": self.size, "scale": self.scale, "labels": labels,
                 "label_ids": {k: ATTRIBUTES[k].index(v) for k, v in labels.items()}}
 
     def write_shards(self, out_dir, num_samples: int, seed: int, samples_per_shard: int = 256,

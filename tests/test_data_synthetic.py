@@ -37,6 +37,25 @@ def test_labels_match_the_pixels():
     assert all(seen[k] == set(v) for k, v in ATTRIBUTES.items())  # every attribute value occurs
 
 
+def test_scale_draws_the_same_scene_larger():
+    """scale 2 on 32x32: the same labels, 2x the travel (4 px per frame), about 4x the pixel area of the scale-1
+    shape; scale 1 is the default task, pixel for pixel."""
+    small, big = SyntheticTask(size=16), SyntheticTask(size=32, scale=2)
+    ratios = []
+    assert torch.equal(SyntheticTask(size=16, scale=1).sample(3, 1).clip, small.sample(3, 1).clip)
+    for i in range(40):
+        a, b = small.sample(i, seed=1), big.sample(i, seed=1)
+        assert a.labels == b.labels and b.clip.shape == (3, 3, 32, 32)
+        _, _, c_a, n_a = object_stats(a.clip)
+        _, _, c_b, n_b = object_stats(b.clip)
+        assert float((c_b[-1] - c_b[0]).abs().max()) == pytest.approx(2 * float((c_a[-1] - c_a[0]).abs().max()))
+        assert bool((n_b == n_b[0]).all())  # still fully inside the frame
+        ratios.append(float(n_b[0] / n_a[0]))
+    assert 3.6 < sum(ratios) / len(ratios) < 4.4  # area ~ radius^2; single thin crosses rasterise up to 7x
+    with pytest.raises(ValueError, match="at least 24"):
+        SyntheticTask(size=16, scale=2)
+
+
 def test_shapes_are_distinct_at_equal_size_and_place():
     task = SyntheticTask()
     masks = [task.render({"shape": sh, "colour": "red", "motion": "left", "size": "large"}, (7.5, 11.5))[0] > 0

@@ -34,6 +34,7 @@ bench: install
 # One ablation: $(PY) -m tmd_megatron.bench.quality --ablation NAME (docs/benchmarks.md, "Ablations").
 bench-quality: install
 	$(PY) -m tmd_megatron.bench.quality
+	$(PY) -m tmd_megatron.bench.quality_figures
 
 # On a GPU node, with the Python that holds CUDA torch (not the CPU venv): what only a GPU proves, in at most ten
 # minutes; writes docs/gpu_check.md. Without CUDA it prints what it would run. Offline nodes: `make gpu-wheels`

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .quality_report import _groups
+from .quality_report import by_method
 from .stats import t_quantile
 
 FIGURES = Path(__file__).resolve().parents[2] / "docs" / "figures"
@@ -36,14 +36,14 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def nfe_series(summary: dict, score: str = "overall") -> dict[str, tuple[float, float, float]]:
     """method -> (effective NFE, mean score, 95 % half width) over its seeds."""
     return {name: (next(iter(rs.values()))["nfe"], *mean_ci([r[score] for r in rs.values()]))
-            for name, rs in _groups(summary).items()}
+            for name, rs in by_method(summary).items()}
 
 
 def curve_series(summary: dict, score: str = "overall") -> dict[str, tuple[list[int], list[float], list[float]]]:
     """method -> (stage-2 iterations, mean score, 95 % half width) at each scored segment; arms without a curve
     (the teacher) are left out."""
     out = {}
-    for name, rs in _groups(summary).items():
+    for name, rs in by_method(summary).items():
         runs = list(rs.values())
         if not runs[0].get("curve"):
             continue

@@ -13,7 +13,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _groups(summary: dict) -> dict[str, dict[str, dict]]:
+def by_method(summary: dict) -> dict[str, dict[str, dict]]:
     """method -> seed label -> run."""
     groups: dict[str, dict[str, dict]] = {}
     for key, r in summary["runs"].items():
@@ -36,7 +36,7 @@ def table(summary: dict) -> str:
              f"| real clips (the scores' ceiling) | – | {real['overall']:.1f} | {real['quality']:.1f} | "
              f"{real['semantic']:.1f} | {real['sem_motion']:.1f} | {real['sem_shape']:.1f} | {real['fd']:.1f} | – | "
              "– | – |"]
-    for name, by_seed in _groups(summary).items():
+    for name, by_seed in by_method(summary).items():
         rs = list(by_seed.values())
         col = lambda k: _mean_std([r[k] for r in rs])  # noqa: E731
         wall = statistics.mean(r["wall"] for r in rs) if "steps" in rs[0] else None
@@ -66,7 +66,7 @@ def baseline_of(name: str, names: list[str]) -> str | None:
 def paired_table(summary: dict, scores=("overall", "quality", "semantic")) -> str:
     """Each arm minus its baseline over the seeds both ran: mean [95 % CI]; an interval that excludes 0 is the
     evidence of an ordering."""
-    groups = _groups(summary)
+    groups = by_method(summary)
     names = list(groups)
     lines = ["| method − baseline | seeds | " + " | ".join(f"Δ {s} [95 % CI]" for s in scores) + " |",
              "|---|---|" + "---|" * len(scores)]
@@ -87,7 +87,7 @@ def paired_table(summary: dict, scores=("overall", "quality", "semantic")) -> st
 
 def curve_table(summary: dict, score: str = "overall") -> str:
     """Score vs stage-2 iteration (mean ± std over seeds), from the scored segments of each arm's stage 2."""
-    groups = {n: list(rs.values()) for n, rs in _groups(summary).items() if len(next(iter(rs.values())).get(
+    groups = {n: list(rs.values()) for n, rs in by_method(summary).items() if len(next(iter(rs.values())).get(
         "curve", [])) > 1}
     if not groups:
         return ""

@@ -30,7 +30,7 @@ bench: install
 	$(PY) -m tmd_megatron.bench.perf
 
 # The quality table (teacher, DMD2-v, TMD on the synthetic task, 4 paired seeds, 7 arms; finished arms cached in
-# runs/bench_quality/cache): 26-28 min measured with the earlier 3 seeds x 6 arms, not yet timed at 4 x 7.
+# runs/bench_quality/cache): 46 min measured on 2 cores, teacher included; then its figures (docs/figures).
 # One ablation: $(PY) -m tmd_megatron.bench.quality --ablation NAME (docs/benchmarks.md, "Ablations").
 bench-quality: install
 	$(PY) -m tmd_megatron.bench.quality

@@ -61,6 +61,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, xlabel: str, score: str, against: str) -> None:
+    """Labels, grid and legend shared by the two score plots, then the file."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{score} score")
+    ax.set_title(f"{score} score vs {against} (mean, 95 % CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_nfe(summary: dict, path: Path, score: str = "overall") -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -69,14 +81,7 @@ def plot_nfe(summary: dict, path: Path, score: str = "overall") -> None:
         ax.errorbar([nfe], [mean], yerr=[half], fmt=marker, capsize=3, label=name)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())  # 1, 2, 100 rather than 10^0 ...
-    ax.set_xlabel("effective NFE (log scale)")
-    ax.set_ylabel(f"{score} score")
-    ax.set_title(f"{score} score vs effective NFE (mean, 95 % CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "effective NFE (log scale)", score, "effective NFE")
 
 
 def plot_curve(summary: dict, path: Path, score: str = "overall") -> None:
@@ -87,14 +92,7 @@ def plot_curve(summary: dict, path: Path, score: str = "overall") -> None:
     for name, (_, mean, _) in nfe_series(summary, score).items():
         if name.startswith("Teacher"):  # the ceiling the students approach
             ax.axhline(mean, color="grey", linestyle="--", label=name)
-    ax.set_xlabel("stage-2 iteration")
-    ax.set_ylabel(f"{score} score")
-    ax.set_title(f"{score} score vs stage-2 iteration (mean, 95 % CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "stage-2 iteration", score, "stage-2 iteration")
 
 
 def sample_rows(cfg, summary: dict, prompts: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -138,6 +138,9 @@ def test_quality_script_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[no-stage1] s0 stage1" not in out and "done TMD M=2 N=2 [no-stage1] s0 (" in out
     assert "| 0 + 2 |" in next(line for line in out.splitlines() if line.startswith("| TMD M=2 N=2 [no-stage1] |"))
+    # the ablations keep their own results: the main table's file (read by the figures and stage-1 scores) stays
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == first
+    assert "TMD M=2 N=2 [no-stage1] s0" in json.loads((tmp_path / "results-stage1.json").read_text())["runs"]
 
     # stage 2 in two resumed segments, each scored: the end equals the one-run stage 2 (resumption is exact);
     # a stage-2 setting reruns stage 2 only

@@ -219,7 +219,8 @@ def cache_key(cfg: QualityConfig, fields=None) -> dict:
     return {k: d[k] for k in (fields or [k for k in d if k not in NOT_ARM_FIELDS])}
 
 
-def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None, fresh: bool = False) -> dict:
+def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None, fresh: bool = False,
+        results_file: str = "results.json") -> dict:
     """Data and classifier, then the teacher (this process, all its threads; or `teacher_dir`, the export of an
     earlier run with the same model and data), then every distillation run and evaluation on the worker pool (one
     thread each, so the cores are never oversubscribed). Each finished step is cached under <out>/cache with the
@@ -295,7 +296,7 @@ def run(cfg: QualityConfig, out: Path, log=print, teacher_dir: str | None = None
                 r["stage1_steps"] = results[name + " stage1"]["steps"]
             r["steps"] = r["stage1_steps"] + r["stage2_steps"]
             summary["runs"][name] = r
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / results_file).write_text(json.dumps(summary, indent=1))  # an ablation's own file: the figures read the table's
     return summary
 
 
@@ -318,7 +319,7 @@ def main(argv=None) -> None:
     if args.ablation:
         cfg = replace(cfg, methods=tuple(ABLATIONS[args.ablation]))
     summary = run(cfg, Path(args.out), log=lambda msg: print(msg, flush=True), teacher_dir=args.teacher,
-                  fresh=args.fresh)
+                  fresh=args.fresh, results_file=f"results-{args.ablation}.json" if args.ablation else "results.json")
     section = f"quality-ablation-{args.ablation}" if args.ablation else "quality"
     publish(section, render(summary, command_line("tmd_megatron.bench.quality", argv)),
             write=not (args.smoke or args.no_write or args.set))

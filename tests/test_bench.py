@@ -217,6 +217,18 @@ def test_t_quantiles_match_the_printed_table():
         assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
 
 
+def test_every_arm_has_its_own_run_directory():
+    """Two arms in one directory would resume each other's checkpoints: the names of every main-table and
+    ablation arm, both stages, are distinct."""
+    from tmd_megatron.bench.quality import QualityConfig, run_name
+    from tmd_megatron.bench.quality_ablations import ABLATIONS
+
+    arms = {tuple(m) for m in QualityConfig().methods} | {tuple(m) for ms in ABLATIONS.values() for m in ms}
+    names = [run_name(m, 0, stage) for m in arms for stage in (1, 2)]
+    assert len(set(names)) == len(names) == 2 * len(arms)
+    assert run_name(("dmd2v", 2, 1), 0, 2) != run_name(("dmd2v", 2, 0), 0, 2)
+
+
 def test_figure_series_are_means_with_t_intervals():
     """The plotted points: mean over seeds and the 95 % half width t(0.975, n-1)·s/√n (4.303 for 3 seeds, the
     printed table value); curves per stage-2 segment; the teacher has no curve."""

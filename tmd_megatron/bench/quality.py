@@ -154,7 +154,9 @@ def make_kd_pairs(cfg: QualityConfig, out: Path, teacher_dir: str, rank: int, wo
 
 def run_name(method: tuple, seed: int, stage: int) -> str:
     """The run directory of one stage of one method and seed (under <out>/runs)."""
-    tag = "" if method[0] != "dmd2v" or method[1] != 1 else ("_KD" if has_kd(method) else "_noKD")
+    # M = 1 keeps its _KD/_noKD names; M > 1 without KD keeps the plain name, with KD it needs its own (the kd
+    # ablation's DMD2-v M=2 + KD once shared the directory, and so the checkpoints, of DMD2-v M=2)
+    tag = ("_KD" if has_kd(method) else ("_noKD" if method[1] == 1 else "")) if method[0] == "dmd2v" else ""
     tag += f"_{method[3]}" if len(method) > 3 else ""
     return f"{method_name(method[:3]).split(' (')[0].replace(' ', '_').replace('=', '')}{tag}_s{seed}_stage{stage}"
 
